@@ -1,0 +1,4 @@
+"""CLI subcommands: every module here defines ``register(subparsers)``.
+
+``loadsnap.cli`` discovers them, so adding a command is adding a module.
+"""

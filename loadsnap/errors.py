@@ -1,0 +1,52 @@
+"""Error hierarchy.
+
+Blame is split as h11 does: :class:`UsageError` means the caller misused our API (a bug in
+the calling code); every other :class:`LoadsnapError` means bad data arrived from a peer, a
+file or the environment, and a long-running process should count it and carry on.
+Messages name values as ``name=value``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LayoutError",
+    "LoadsnapError",
+    "PayloadTooLargeError",
+    "SegmentError",
+    "StaleError",
+    "TransportError",
+    "UsageError",
+    "WireError",
+]
+
+
+class LoadsnapError(Exception):
+    """Root of every error loadsnap raises on purpose."""
+
+
+class UsageError(LoadsnapError, ValueError):
+    """The caller passed an invalid argument (a bug in the calling code, not bad data)."""
+
+
+class WireError(LoadsnapError):
+    """Bytes that do not decode to a valid :class:`~loadsnap.LoadSnapshot`."""
+
+
+class LayoutError(LoadsnapError):
+    """A shared-memory segment whose header or size does not match what we expect."""
+
+
+class StaleError(LoadsnapError):
+    """Load data exists but is too old (or its writer is gone) to act on."""
+
+
+class TransportError(LoadsnapError):
+    """Moving bytes failed; the message carries the endpoint or segment name."""
+
+
+class SegmentError(TransportError):
+    """Creating, opening or claiming a shared-memory segment failed."""
+
+
+class PayloadTooLargeError(UsageError):
+    """An encoded snapshot does not fit its slot; the slot is left untouched."""

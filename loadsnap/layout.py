@@ -1,0 +1,222 @@
+"""The shared-memory segment's byte layout: the one module that owns every offset.
+
+All integers are little-endian. Every ``*_OFFSET`` is derived from the previous offset plus the
+previous size; ``tests/test_layout.py`` checks this diagram against the structs.
+
+Segment::
+
+    +------------------------------+  0
+    | SegmentHeader (128 B)        |
+    +------------------------------+  HEADER_SIZE
+    | slot 0   (slot_size B)       |
+    +------------------------------+  HEADER_SIZE + slot_size
+    | slot 1                       |
+    | ...                          |
+    +------------------------------+  HEADER_SIZE + dp_size * slot_size
+
+SegmentHeader (written once by the creator; ``ready`` is stored last)::
+
+     0 +--------+--------+--------+--------+--------+--------+--------+--------+
+       | magic  "LOADSNAP"                                    u64           |
+     8 +-----------------+-----------------+-----------------------------------+
+       | layout_major u16| layout_minor u16| header_size u32                   |
+    16 +-----------------------------------+-----------------------------------+
+       | dp_size u32                       | slot_size u32                     |
+    24 +-----------------------------------+-----------------------------------+
+       | payload_capacity u32              | creator_pid u32                   |
+    32 +-----------------------------------+-----------------------------------+
+       | creator_uid u32                   | reserved u32                      |
+    40 +-----------------------------------------------------------------------+
+       | created_wall_ns u64                                                   |
+    48 +-----------------------------------------------------------------------+
+       | segment_id u64 (random; tells a recreated segment from the old one)   |
+    56 +-----------------------------------------------------------------------+
+       | ready u64 (READY_VALUE once initialised; written last)                |
+    64 +-----------------------------------------------------------------------+
+       | reserved to 128                                                       |
+   128 +-----------------------------------------------------------------------+
+
+Slot (one per rank, 64-byte aligned; ``slot_size`` is a multiple of 64)::
+
+     0 +-----------------------------------------------------------------------+
+       | SlotControl (64 B): latch seq, writer identity, epoch, counters       |
+    64 +-----------------------------------------------------------------------+
+       | record copy 0 (copy_size B)                                           |
+       +-----------------------------------------------------------------------+
+       | record copy 1 (copy_size B)                                           |
+       +-----------------------------------------------------------------------+
+
+SlotControl::
+
+     0 latch_seq u64      the seqlock word: odd = copy 0 being written; 0 = never published.
+                          Stored with one aligned 8-byte store, never with struct.pack_into.
+     8 writer_pid u64     0 = no writer attached
+    16 writer_start u64   the writer's process start time (clock ticks since boot), or 0
+    24 epoch u64          bumped each time a writer attaches to the slot
+    32 refused u64        payloads refused for not fitting the slot
+    40 reserved to 64
+
+Record copy (``copy_size`` = round_up(RECORD_HEADER_SIZE + payload_capacity, 64))::
+
+     0 +-----------------------------------+-----------------------------------+
+       | record_crc u32: crc32 of bytes    | payload_len u32                   |
+       |   4..end (length, hot, payload)   |                                   |
+     8 +-----------------------------------+-----------------------------------+
+       | hot record: the first 18 fields of LoadSnapshot (HOT_FIELDS), 8 B     |
+       | each, u64 or f64, in struct order: 144 B                              |
+   152 +-----------------------------------------------------------------------+
+       | payload: msgpack LoadSnapshot, payload_len B                          |
+       +-----------------------------------------------------------------------+
+
+The hot record repeats the scalar load and identity fields so a reader can take every rank at
+once as numpy arrays without msgpack decoding. Its ``seq`` is the slot's record sequence (the
+latch's ``s >> 1``), which readers check. ``record_crc`` covers (sequence, length, payload), so
+a torn copy is detected on any CPU.
+"""
+
+from __future__ import annotations
+
+import struct
+import typing
+from typing import Final
+
+import msgspec
+import numpy as np
+
+from loadsnap.schema import LoadSnapshot
+
+__all__ = [
+    "COPY_HOT_OFFSET",
+    "COPY_PAYLOAD_LEN_OFFSET",
+    "COPY_PAYLOAD_OFFSET",
+    "COPY_RECORD_CRC_OFFSET",
+    "CRC_STRUCT",
+    "CTRL_EPOCH_OFFSET",
+    "CTRL_LATCH_SEQ_OFFSET",
+    "CTRL_REFUSED_OFFSET",
+    "CTRL_WRITER_PID_OFFSET",
+    "CTRL_WRITER_START_OFFSET",
+    "DEFAULT_PAYLOAD_CAPACITY",
+    "HEADER_SIZE",
+    "HEADER_STRUCT",
+    "HOT_DTYPE",
+    "HOT_FIELDS",
+    "HOT_FIELD_COUNT",
+    "HOT_RECORD_SIZE",
+    "HOT_SEQ_INDEX",
+    "HOT_STRUCT",
+    "LAYOUT_MAJOR",
+    "LAYOUT_MINOR",
+    "LEN_AND_HOT_STRUCT",
+    "MAGIC",
+    "READY_VALUE",
+    "RECORD_HEADER_SIZE",
+    "SLOT_ALIGN",
+    "SLOT_CONTROL_SIZE",
+    "SegmentGeometry",
+]
+
+MAGIC: Final[int] = int.from_bytes(b"LOADSNAP", "little")
+READY_VALUE: Final[int] = int.from_bytes(b"READY!!!", "little")
+LAYOUT_MAJOR: Final[int] = 1
+LAYOUT_MINOR: Final[int] = 0
+SLOT_ALIGN: Final[int] = 64
+DEFAULT_PAYLOAD_CAPACITY: Final[int] = 2048
+MAX_PAYLOAD_CAPACITY: Final[int] = 1 << 20
+MAX_DP_SIZE: Final[int] = 65536
+
+# --- segment header -----------------------------------------------------------------------
+HEADER_STRUCT: Final = struct.Struct("<QHHIIIIIIIQQQ")
+MAGIC_OFFSET: Final[int] = 0
+LAYOUT_MAJOR_OFFSET: Final[int] = MAGIC_OFFSET + 8
+LAYOUT_MINOR_OFFSET: Final[int] = LAYOUT_MAJOR_OFFSET + 2
+HEADER_SIZE_OFFSET: Final[int] = LAYOUT_MINOR_OFFSET + 2
+DP_SIZE_OFFSET: Final[int] = HEADER_SIZE_OFFSET + 4
+SLOT_SIZE_OFFSET: Final[int] = DP_SIZE_OFFSET + 4
+PAYLOAD_CAPACITY_OFFSET: Final[int] = SLOT_SIZE_OFFSET + 4
+CREATOR_PID_OFFSET: Final[int] = PAYLOAD_CAPACITY_OFFSET + 4
+CREATOR_UID_OFFSET: Final[int] = CREATOR_PID_OFFSET + 4
+HEADER_RESERVED_OFFSET: Final[int] = CREATOR_UID_OFFSET + 4
+CREATED_WALL_NS_OFFSET: Final[int] = HEADER_RESERVED_OFFSET + 4
+SEGMENT_ID_OFFSET: Final[int] = CREATED_WALL_NS_OFFSET + 8
+READY_OFFSET: Final[int] = SEGMENT_ID_OFFSET + 8
+HEADER_FIELDS_END: Final[int] = READY_OFFSET + 8
+HEADER_SIZE: Final[int] = 128
+
+# --- slot control -------------------------------------------------------------------------
+CTRL_LATCH_SEQ_OFFSET: Final[int] = 0
+CTRL_WRITER_PID_OFFSET: Final[int] = CTRL_LATCH_SEQ_OFFSET + 8
+CTRL_WRITER_START_OFFSET: Final[int] = CTRL_WRITER_PID_OFFSET + 8
+CTRL_EPOCH_OFFSET: Final[int] = CTRL_WRITER_START_OFFSET + 8
+CTRL_REFUSED_OFFSET: Final[int] = CTRL_EPOCH_OFFSET + 8
+CTRL_FIELDS_END: Final[int] = CTRL_REFUSED_OFFSET + 8
+SLOT_CONTROL_SIZE: Final[int] = 64
+
+# --- record copy --------------------------------------------------------------------------
+COPY_RECORD_CRC_OFFSET: Final[int] = 0
+COPY_PAYLOAD_LEN_OFFSET: Final[int] = COPY_RECORD_CRC_OFFSET + 4
+COPY_HOT_OFFSET: Final[int] = COPY_PAYLOAD_LEN_OFFSET + 4
+# The hot record is the leading scalar fields of LoadSnapshot, so the writer packs
+# ``msgspec.structs.astuple(snapshot)[:HOT_FIELD_COUNT]`` in one call.
+HOT_FIELD_COUNT: Final[int] = 18
+HOT_FIELDS: Final[tuple[tuple[str, str], ...]] = tuple(
+    (field.name, "d" if float in typing.get_args(field.type) else "Q")
+    for field in msgspec.structs.fields(LoadSnapshot)[:HOT_FIELD_COUNT]
+)
+HOT_STRUCT: Final = struct.Struct("<" + "".join(code for _, code in HOT_FIELDS))
+HOT_DTYPE: Final = np.dtype([(name, "<u8" if code == "Q" else "<f8") for name, code in HOT_FIELDS])
+HOT_RECORD_SIZE: Final[int] = HOT_STRUCT.size
+HOT_SEQ_INDEX: Final[int] = LoadSnapshot.__struct_fields__.index("seq")
+COPY_PAYLOAD_OFFSET: Final[int] = COPY_HOT_OFFSET + HOT_RECORD_SIZE
+RECORD_HEADER_SIZE: Final[int] = COPY_PAYLOAD_OFFSET
+# Packs (payload_len, *hot) at COPY_PAYLOAD_LEN_OFFSET in one call.
+LEN_AND_HOT_STRUCT: Final = struct.Struct("<I" + HOT_STRUCT.format[1:])
+CRC_STRUCT: Final = struct.Struct("<I")
+
+
+def round_up(value: int, alignment: int) -> int:
+    """Round ``value`` up to a multiple of ``alignment``."""
+    return (value + alignment - 1) // alignment * alignment
+
+
+class SegmentGeometry:
+    """Sizes and offsets of one segment, derived from ``dp_size`` and ``payload_capacity``.
+
+    Immutable; safe to share.
+    """
+
+    __slots__ = ("copy_size", "dp_size", "payload_capacity", "slot_size", "total_size")
+
+    def __init__(self, dp_size: int, payload_capacity: int = DEFAULT_PAYLOAD_CAPACITY) -> None:
+        from loadsnap.errors import UsageError
+
+        if not 1 <= dp_size <= MAX_DP_SIZE:
+            raise UsageError(f"dp_size out of range: dp_size={dp_size} valid=1..{MAX_DP_SIZE}")
+        if not 64 <= payload_capacity <= MAX_PAYLOAD_CAPACITY:
+            raise UsageError(
+                f"payload_capacity out of range: payload_capacity={payload_capacity} "
+                f"valid=64..{MAX_PAYLOAD_CAPACITY}"
+            )
+        self.dp_size = dp_size
+        self.payload_capacity = payload_capacity
+        self.copy_size = round_up(RECORD_HEADER_SIZE + payload_capacity, SLOT_ALIGN)
+        self.slot_size = SLOT_CONTROL_SIZE + 2 * self.copy_size
+        self.total_size = HEADER_SIZE + dp_size * self.slot_size
+
+    def slot_offset(self, rank: int) -> int:
+        """Byte offset of ``rank``'s slot."""
+        return HEADER_SIZE + rank * self.slot_size
+
+    def copy_offset(self, rank: int, copy: int) -> int:
+        """Byte offset of record copy ``copy`` (0 or 1) of ``rank``'s slot."""
+        return HEADER_SIZE + rank * self.slot_size + SLOT_CONTROL_SIZE + copy * self.copy_size
+
+    def seq_word_index(self, rank: int) -> int:
+        """Index of ``rank``'s latch word in a ``memoryview.cast("Q")`` of the segment."""
+        return (HEADER_SIZE + rank * self.slot_size + CTRL_LATCH_SEQ_OFFSET) // 8
+
+    def __repr__(self) -> str:
+        return (
+            f"SegmentGeometry(dp_size={self.dp_size}, payload_capacity={self.payload_capacity}, "
+            f"slot_size={self.slot_size}, total_size={self.total_size})"
+        )

@@ -1,0 +1,130 @@
+"""What readers return, and the ``SnapshotSource`` protocol that policies read through.
+
+Policy code (the dispatcher, the HTTP endpoint) sees only these types, never buffers or sockets.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final, Protocol, runtime_checkable
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from loadsnap.schema import LoadSnapshot
+
+__all__ = [
+    "DEFAULT_STALE_AFTER_S",
+    "HotTable",
+    "ReaderStats",
+    "SegmentState",
+    "SlotRead",
+    "SlotStatus",
+    "SnapshotSource",
+]
+
+DEFAULT_STALE_AFTER_S: Final[float] = 2.0
+
+
+class SlotStatus(enum.IntEnum):
+    """Freshness of one rank's slot. Integer values are stable (used in numpy tables)."""
+
+    FRESH = 0  # published within the staleness budget
+    STALE = 1  # older than the budget; its writer still runs (busy or hung)
+    DEAD = 2  # its writer exited or was killed
+    NEVER_PUBLISHED = 3  # no complete record yet
+    TORN = 4  # no consistent copy within the retry budget (a writer died mid-write is NOT this)
+    INVALID = 5  # a consistent copy whose payload does not decode or names another rank
+
+    @property
+    def label(self) -> str:
+        """Lower-case name used in JSON and metrics."""
+        return self.name.lower()
+
+
+class SegmentState(enum.Enum):
+    """Why a reader has or has not got a segment to read."""
+
+    OK = "ok"
+    MISSING = "missing"  # no segment (no writer has started, or the last one shut down)
+    NOT_READY = "not_ready"  # created but not initialised yet
+    INCOMPATIBLE = "incompatible"  # wrong magic, layout version, owner or permissions
+
+
+class SlotRead(msgspec.Struct, frozen=True):
+    """One rank's latest snapshot with its freshness. ``snapshot`` is None unless readable."""
+
+    rank: int
+    status: SlotStatus
+    snapshot: LoadSnapshot | None
+    age_s: float | None
+    seq: int
+    epoch: int
+    writer_pid: int
+    reason: str = ""
+
+
+class ReaderStats(msgspec.Struct):
+    """Counters of one reader (monotonic, for /metrics)."""
+
+    reads: int = 0
+    decodes: int = 0
+    retries: int = 0
+    crc_rejects: int = 0
+    torn: int = 0
+    decode_errors: int = 0
+    reattaches: int = 0
+
+
+class HotTable(msgspec.Struct, frozen=True):
+    """Every rank's dispatch-critical numbers as numpy arrays (index = rank), no msgpack decode.
+
+    ``valid`` is False for ranks without a consistent record (never published or torn); their
+    numbers are zero. ``age_s`` is NaN where ``valid`` is False.
+    """
+
+    taken_mono_ns: int
+    num_running_reqs: npt.NDArray[np.uint64]
+    num_waiting_reqs: npt.NDArray[np.uint64]
+    num_waiting_uncached_tokens: npt.NDArray[np.uint64]
+    num_used_tokens: npt.NDArray[np.uint64]
+    num_total_tokens: npt.NDArray[np.uint64]
+    max_total_num_tokens: npt.NDArray[np.uint64]
+    max_running_requests: npt.NDArray[np.uint64]
+    token_usage: npt.NDArray[np.float64]
+    gen_throughput: npt.NDArray[np.float64]
+    cache_hit_rate: npt.NDArray[np.float64]
+    utilization: npt.NDArray[np.float64]
+    seq: npt.NDArray[np.uint64]
+    cycle: npt.NDArray[np.uint64]
+    publish_mono_ns: npt.NDArray[np.uint64]
+    publish_wall_ns: npt.NDArray[np.uint64]
+    epoch: npt.NDArray[np.uint64]
+    last_accepted_dispatch_seq: npt.NDArray[np.uint64]
+    age_s: npt.NDArray[np.float64]
+    status: npt.NDArray[np.uint8]
+    valid: npt.NDArray[np.bool_]
+
+    @property
+    def dp_size(self) -> int:
+        """Number of ranks in the table."""
+        return int(self.seq.shape[0])
+
+
+@runtime_checkable
+class SnapshotSource(Protocol):
+    """Anything that yields every rank's latest load: the shm reader, or a test double."""
+
+    @property
+    def dp_size(self) -> int:
+        """Number of ranks; raises SegmentError subclasses when no segment is readable."""
+        ...
+
+    def read_all(self) -> list[SlotRead]:
+        """Every rank's latest snapshot with status and age."""
+        ...
+
+    def hot_table(self) -> HotTable:
+        """Every rank's dispatch-critical numbers, without msgpack decoding."""
+        ...

@@ -1,0 +1,221 @@
+"""``ShmWriter``: publish one rank's snapshots into the instance's shared-memory segment."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from typing import Final
+
+import msgspec
+from msgspec.structs import astuple
+
+from loadsnap._liveness import process_alive, process_start_ticks
+from loadsnap._segment import (
+    create_or_attach,
+    instance_lock,
+    live_writers,
+    unlink_segment,
+    validate_instance,
+)
+from loadsnap._seqlock import build_record, repair_slot, write_record
+from loadsnap.errors import PayloadTooLargeError, SegmentError, UsageError
+from loadsnap.layout import (
+    CTRL_EPOCH_OFFSET,
+    CTRL_REFUSED_OFFSET,
+    CTRL_WRITER_PID_OFFSET,
+    CTRL_WRITER_START_OFFSET,
+    DEFAULT_PAYLOAD_CAPACITY,
+    HOT_FIELD_COUNT,
+    RECORD_HEADER_SIZE,
+    SegmentGeometry,
+)
+from loadsnap.schema import LoadSnapshot, validate_snapshot
+
+__all__ = ["ShmWriter"]
+
+_MAX_RATE: Final[float] = 1e15
+
+
+class ShmWriter:
+    """Publishes one DP rank's snapshots. Single writer per slot; not thread-safe.
+
+    :meth:`publish` never blocks and takes no lock: it encodes into a reused buffer and writes
+    the slot with the two-copy seqlock (see ``loadsnap._seqlock``). Attaching (the constructor)
+    and :meth:`close` take the instance's file lock briefly.
+
+    Parameters
+    ----------
+    instance:
+        Deployment instance name; the segment is ``/dev/shm/loadsnap-<instance>``.
+    dp_size, dp_rank:
+        Number of ranks and this writer's rank.
+    payload_capacity:
+        Bytes reserved per record copy for the msgpack payload.
+    shm_dir:
+        Put the segment in this directory instead of going through ``shm_open``
+        (default: ``$LOADSNAP_SHM_DIR`` or ``/dev/shm``).
+    validate:
+        Check every schema constraint at publish (a few µs). The hot numeric fields are always
+        checked; readers validate everything they decode either way.
+
+    Raises
+    ------
+    UsageError
+        Bad arguments.
+    SegmentError, LayoutError
+        The segment cannot be created, is not ours, does not match, or the rank already has a
+        live writer.
+    """
+
+    def __init__(
+        self,
+        instance: str,
+        dp_size: int,
+        dp_rank: int,
+        *,
+        payload_capacity: int = DEFAULT_PAYLOAD_CAPACITY,
+        shm_dir: str | None = None,
+        validate: bool = False,
+    ) -> None:
+        self.instance = validate_instance(instance)
+        self.geometry = geometry = SegmentGeometry(dp_size, payload_capacity)
+        if not 0 <= dp_rank < dp_size:
+            raise UsageError(f"dp_rank out of range: dp_rank={dp_rank} dp_size={dp_size}")
+        self.dp_rank = dp_rank
+        self._shm_dir = shm_dir
+        self._validate = validate
+        self._pid = os.getpid()
+        with instance_lock(instance, shm_dir):
+            self._segment, self.created = create_or_attach(instance, geometry, shm_dir)
+            self._buf = self._segment.buf
+            self._words = self._buf.cast("Q")
+            self._ctrl = geometry.slot_offset(dp_rank) // 8
+            self._claim_slot()
+        self._seq_index = geometry.seq_word_index(dp_rank)
+        self._copy0 = geometry.copy_offset(dp_rank, 0)
+        self._copy1 = geometry.copy_offset(dp_rank, 1)
+        self._latch = repair_slot(
+            self._buf, self._words, self._seq_index, self._copy0, self._copy1, geometry.copy_size
+        )
+        self._encode_into = msgspec.msgpack.Encoder().encode_into
+        self._staging = bytearray(RECORD_HEADER_SIZE + payload_capacity)
+        self.refused = int(self._words[self._ctrl + CTRL_REFUSED_OFFSET // 8])
+        self.published = 0
+        self._closed = False
+        self._capacity = payload_capacity
+
+    def _claim_slot(self) -> None:
+        words, ctrl = self._words, self._ctrl
+        pid = int(words[ctrl + CTRL_WRITER_PID_OFFSET // 8])
+        start = int(words[ctrl + CTRL_WRITER_START_OFFSET // 8])
+        if pid and pid != self._pid and process_alive(pid, start):
+            raise SegmentError(
+                f"dp_rank={self.dp_rank} already has a live writer pid={pid} "
+                f"(segment={self._segment.name})"
+            )
+        self.epoch = int(words[ctrl + CTRL_EPOCH_OFFSET // 8]) + 1
+        words[ctrl + CTRL_EPOCH_OFFSET // 8] = self.epoch
+        words[ctrl + CTRL_WRITER_START_OFFSET // 8] = process_start_ticks(self._pid)
+        words[ctrl + CTRL_WRITER_PID_OFFSET // 8] = self._pid
+
+    @property
+    def segment_name(self) -> str:
+        """Path of the segment file."""
+        return self._segment.name
+
+    def publish(self, snapshot: LoadSnapshot) -> int:
+        """Stamp ``seq``, ``epoch`` and publish times into ``snapshot`` and publish it.
+
+        Returns the record's sequence number.
+
+        Raises
+        ------
+        PayloadTooLargeError
+            The encoded snapshot does not fit the slot; the slot keeps its previous record.
+        UsageError
+            Wrong ``dp_rank``, a negative count, a ratio outside 0..1 or NaN, or the writer is
+            closed.
+        """
+        snapshot.seq = seq = (self._latch >> 1) + 1
+        snapshot.epoch = self.epoch
+        snapshot.publish_mono_ns = time.monotonic_ns()
+        snapshot.publish_wall_ns = time.time_ns()
+        self._publish(snapshot)
+        return seq
+
+    def publish_relayed(self, snapshot: LoadSnapshot, received_mono_ns: int) -> int:
+        """Publish a snapshot received from a remote writer, keeping its ``epoch``.
+
+        ``seq`` becomes this slot's record sequence (the collector has already dropped
+        out-of-order records) and ``publish_mono_ns`` this host's ``received_mono_ns``, so ages
+        stay right when node clocks disagree. Returns the record sequence.
+        """
+        snapshot.seq = seq = (self._latch >> 1) + 1
+        snapshot.publish_mono_ns = received_mono_ns
+        self._publish(snapshot)
+        return seq
+
+    def _publish(self, snapshot: LoadSnapshot) -> None:
+        # The hot path: every lookup below is deliberate (locals are cheaper than attributes).
+        if snapshot.dp_rank != self.dp_rank:
+            raise UsageError(f"dp_rank mismatch: writer={self.dp_rank} snapshot={snapshot.dp_rank}")
+        usage, rate, util = snapshot.token_usage, snapshot.gen_throughput, snapshot.utilization
+        if not (0.0 <= usage <= 1.0 and 0.0 <= util <= 1.0 and 0.0 <= rate <= _MAX_RATE):
+            raise UsageError(
+                f"ratio out of range: token_usage={usage} utilization={util} gen_throughput={rate}"
+            )
+        if self._validate:
+            validate_snapshot(snapshot, self.geometry.dp_size)
+        staging = self._staging
+        self._encode_into(snapshot, staging, RECORD_HEADER_SIZE)
+        payload_len = len(staging) - RECORD_HEADER_SIZE
+        if payload_len > self._capacity:
+            self._refuse(payload_len)
+        try:
+            build_record(staging, astuple(snapshot)[:HOT_FIELD_COUNT], payload_len)
+        except struct.error as exc:  # a negative or oversized count
+            raise UsageError(f"invalid count in snapshot: {exc}") from exc
+        self._latch = write_record(
+            self._buf, self._words, self._seq_index, self._copy0, self._copy1, staging, self._latch
+        )
+        self.published += 1
+
+    def _publish_closed(self, snapshot: LoadSnapshot) -> None:
+        raise UsageError(f"writer is closed (segment={self._segment.name} dp_rank={self.dp_rank})")
+
+    def _refuse(self, payload_len: int) -> None:
+        self.refused += 1
+        self._words[self._ctrl + CTRL_REFUSED_OFFSET // 8] = self.refused
+        raise PayloadTooLargeError(
+            f"payload too large: size={payload_len} capacity={self._capacity} "
+            f"(segment={self._segment.name} dp_rank={self.dp_rank})"
+        )
+
+    def close(self, *, unlink_if_last: bool = True) -> None:
+        """Detach: mark the slot writer-less and, if no live writer remains, unlink the segment.
+
+        Idempotent. Readers then see this rank as DEAD ("writer detached").
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._publish = self._publish_closed  # type: ignore[method-assign]
+        with instance_lock(self.instance, self._shm_dir):
+            words, ctrl = self._words, self._ctrl
+            if int(words[ctrl + CTRL_WRITER_PID_OFFSET // 8]) == self._pid:
+                words[ctrl + CTRL_WRITER_PID_OFFSET // 8] = 0
+            last = unlink_if_last and not live_writers(self._segment)
+            self._words.release()
+            self._segment.close()
+            if last:
+                unlink_segment(self.instance, self._shm_dir)
+
+    def __enter__(self) -> ShmWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ShmWriter(instance={self.instance!r}, dp_rank={self.dp_rank}, epoch={self.epoch})"
