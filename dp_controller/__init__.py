@@ -1,0 +1,40 @@
+"""dp_controller: budget-based DP dispatch that never forgets in-flight requests.
+
+Policy code only: it reads load through :class:`~loadsnap.SnapshotSource` (the hot table) and
+never touches buffers; the controller process (:mod:`dp_controller.controller`) owns the sockets.
+"""
+
+from __future__ import annotations
+
+from dp_controller.baselines import OverwriteBudget
+from dp_controller.budget import (
+    DEFAULT_REFRESH_INTERVAL_S,
+    BudgetConfig,
+    BudgetStats,
+    DPBudget,
+    Policy,
+    StalePolicy,
+    check_publish_period,
+)
+from dp_controller.dispatching import Dispatch, Dispatcher
+from dp_controller.ledger import DispatchLedger, LedgerStats
+from dp_controller.workload import TraceRequest, WorkloadSpec, generate_trace, preset
+
+__all__ = [
+    "DEFAULT_REFRESH_INTERVAL_S",
+    "BudgetConfig",
+    "BudgetStats",
+    "DPBudget",
+    "Dispatch",
+    "DispatchLedger",
+    "Dispatcher",
+    "LedgerStats",
+    "OverwriteBudget",
+    "Policy",
+    "StalePolicy",
+    "TraceRequest",
+    "WorkloadSpec",
+    "check_publish_period",
+    "generate_trace",
+    "preset",
+]

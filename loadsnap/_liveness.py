@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Final
 
 __all__ = ["process_alive", "process_start_ticks"]
 
@@ -25,9 +26,13 @@ def process_start_ticks(pid: int) -> int:
         return 0
 
 
+# pid_t is a signed 32-bit int: a larger value (from a corrupt slot) names no process.
+_PID_MAX: Final[int] = 2**31 - 1
+
+
 def process_alive(pid: int, start_ticks: int) -> bool:
     """True when ``pid`` runs and, if ``start_ticks`` is known, is the same process."""
-    if pid <= 0:
+    if not 0 < pid <= _PID_MAX:
         return False
     try:
         os.kill(pid, 0)

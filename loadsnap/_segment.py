@@ -250,7 +250,12 @@ def open_readonly(instance: str, shm_dir: str | None = None) -> MappedSegment:
         A file that is not ours or not a valid segment.
     """
     name = segment_path(instance, shm_dir)
-    fd = _open_fd(validate_instance(instance), shm_dir, create=False, writable=False)
+    try:
+        fd = _open_fd(validate_instance(instance), shm_dir, create=False, writable=False)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # a symlink (ELOOP), no permission...: not a segment we may read
+        raise SegmentError(f"cannot open: {exc} (segment={name})") from exc
     try:
         st = _check_file(fd, name)
         if st.st_size < HEADER_SIZE:

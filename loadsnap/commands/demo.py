@@ -1,34 +1,263 @@
-"""``loadsnap demo``: placeholder until the demo issue lands (publishes, reads, cleans up)."""
+"""``loadsnap demo``: a real small deployment on this machine, shown live.
+
+Starts ``--dp-size`` reference schedulers (subprocesses publishing into shared memory), a DP
+controller dispatching a seeded workload to them, and the HTTP server (``/v1/loads``,
+``/metrics``, ``/healthz``); draws the per-rank table and prints the URLs. Ctrl-C, SIGTERM or
+the end of ``--duration`` stops everything: controller, server, schedulers, the segment and
+the ipc sockets' directory.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Final
 
-from loadsnap.schema import LoadSnapshot
-from loadsnap.shm_reader import ShmReader
-from loadsnap.shm_writer import ShmWriter
+if TYPE_CHECKING:
+    from dp_controller.controller import Controller
+    from loadsnap.server import ServerThread
+
+NON_INTERACTIVE_DURATION_S: Final[float] = 20.0
+CHUNK_S: Final[float] = 2.0
+STATUS_EVERY_S: Final[float] = 2.0
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``demo`` subcommand."""
-    parser = subparsers.add_parser("demo", help="run a small deployment and show its load")
+    parser = subparsers.add_parser(
+        "demo",
+        help="run a small deployment (schedulers, controller, HTTP) and show its load live",
+        description=(
+            "Start DP_SIZE reference schedulers, a DP controller replaying a seeded workload "
+            "and the HTTP server, then show every rank's load live. Stops on Ctrl-C (when run "
+            f"in a terminal) or after --duration (default {NON_INTERACTIVE_DURATION_S:.0f} s "
+            "when not in a terminal), leaving no segment, socket or process behind."
+        ),
+        epilog=(
+            "While it runs: curl http://127.0.0.1:8000/v1/loads, "
+            "curl 'http://127.0.0.1:8000/v1/loads?format=prometheus', "
+            "loadsnap top --instance INSTANCE, loadsnap inspect --instance INSTANCE"
+        ),
+    )
     parser.add_argument("--instance", default=f"demo-{os.getpid()}", help="instance name")
-    parser.add_argument("--dp-size", type=int, default=4, help="number of DP ranks")
+    parser.add_argument("--dp-size", type=int, default=4, help="number of DP ranks (default 4)")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    parser.add_argument(
+        "--port", type=int, default=8000, help="HTTP port (default 8000; 0 or taken: any free)"
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this long (default: until Ctrl-C in a terminal, "
+        f"else {NON_INTERACTIVE_DURATION_S:.0f} s)",
+    )
+    parser.add_argument("--workload", default="poisson", help="poisson, bursty or tiny")
+    parser.add_argument("--rate-rps", type=float, default=None, help="request rate override")
+    parser.add_argument("--policy", default="work_over_throughput", help="dispatch policy")
+    parser.add_argument("--seed", type=int, default=0, help="workload seed")
+    parser.add_argument(
+        "--no-table", action="store_true", help="print a status line instead of the live table"
+    )
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Publish one snapshot per rank, read them back, print them, clean up."""
-    writers = [ShmWriter(args.instance, args.dp_size, rank) for rank in range(args.dp_size)]
+class _Workload:
+    """Feeds the controller from a worker thread; the controller is used only there."""
+
+    def __init__(self, controller: Controller, args: argparse.Namespace) -> None:
+        self.controller = controller
+        self.args = args
+        self.stop = threading.Event()
+        self.submitted = 0
+        self.finished = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="loadsnap-demo-workload")
+
+    def _run(self) -> None:
+        from dp_controller.workload import generate_trace, preset
+
+        try:
+            start = time.monotonic()
+            offset = 0.0
+            chunk = 0
+            overrides: dict[str, Any] = {"duration_s": CHUNK_S}
+            if self.args.rate_rps is not None:
+                overrides["rate_rps"] = self.args.rate_rps
+            while not self.stop.is_set():
+                spec = preset(self.args.workload, seed=self.args.seed + chunk, **overrides)
+                for req in generate_trace(spec):
+                    due = offset + req.arrival_s
+                    while not self.stop.is_set() and (now := time.monotonic() - start) < due:
+                        self.finished += len(self.controller.poll(min(0.01, due - now)))
+                    if self.stop.is_set():
+                        return
+                    self.controller.submit(req.prompt, req.max_new_tokens)
+                    self.submitted += 1
+                offset += CHUNK_S
+                chunk += 1
+        except BaseException as exc:  # reported by the main thread
+            self.error = exc
+            self.stop.set()
+
+
+def _start_server(app: Any, host: str, port: int) -> ServerThread:
+    from loadsnap.server import ServerThread
+
     try:
-        for rank, writer in enumerate(writers):
-            writer.publish(LoadSnapshot(dp_rank=rank, num_running_reqs=rank, num_waiting_reqs=1))
+        return ServerThread(app, host, port).start()
+    except RuntimeError:
+        if port == 0:
+            raise
+        print(f"loadsnap demo: port {port} unavailable, using a free port", file=sys.stderr)
+        return ServerThread(app, host, 0).start()
+
+
+def _add_controller_metrics(app: Any, controller: Controller) -> None:
+    collector = app.state.collector
+    dispatcher = controller.dispatcher
+    ledger = getattr(dispatcher, "ledger", None)
+    n = controller.dp_size
+    # Plain reads of counters the controller thread updates: a scrape may see them mid-update.
+    collector.add_provider(
+        "controller_outstanding_requests",
+        "Requests dispatched and not finished yet, per rank.",
+        "gauge",
+        ("dp_rank",),
+        lambda: {(str(r),): float(controller.outstanding[r]) for r in range(n)},
+    )
+    if ledger is not None:
+        collector.add_provider(
+            "controller_dispatches_total",
+            "Requests dispatched by the controller, per rank.",
+            "counter",
+            ("dp_rank",),
+            lambda: {(str(r),): float(ledger.issued(r)) for r in range(n)},
+        )
+        collector.add_provider(
+            "controller_ledger_depth",
+            "Dispatches not yet acknowledged by the rank's scheduler.",
+            "gauge",
+            ("dp_rank",),
+            lambda: {(str(r),): float(ledger.unacked_count[r]) for r in range(n)},
+        )
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo; exit status 0 after a clean stop, 1 when a part failed."""
+    from dp_controller.cli import make_dispatcher
+    from dp_controller.controller import Controller
+    from dp_controller.fleet import SchedulerFleet
+    from loadsnap.errors import LoadsnapError
+    from loadsnap.server import create_app
+    from loadsnap.shm_reader import ShmReader
+
+    interactive = sys.stdout.isatty() and sys.stdin.isatty()
+    duration = args.duration
+    if duration is None and not interactive:
+        duration = NON_INTERACTIVE_DURATION_S
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    fleet: SchedulerFleet | None = None
+    controller: Controller | None = None
+    server: ServerThread | None = None
+    workload: _Workload | None = None
+    status = 0
+    try:
+        print(f"loadsnap demo: starting {args.dp_size} schedulers (instance {args.instance})")
+        fleet = SchedulerFleet(args.instance, args.dp_size)
+        fleet.wait_ready()
         with ShmReader(args.instance) as reader:
-            for read in reader.read_all():
-                running = read.snapshot.num_running_reqs if read.snapshot else "-"
-                print(f"rank {read.rank}: {read.status.label} running={running}")
+            dispatcher = make_dispatcher(args.policy, reader, args.dp_size)
+            controller = Controller(dispatcher, fleet.request_addrs, fleet.result_addr)
+            app = create_app(args.instance, const_labels={"instance": args.instance})
+            _add_controller_metrics(app, controller)
+            server = _start_server(app, args.host, args.port)
+            base = server.url
+            print(f"loadsnap demo: {base}/v1/loads", flush=True)
+            print(f"loadsnap demo: {base}/v1/loads?format=prometheus", flush=True)
+            print(f"loadsnap demo: {base}/metrics  {base}/healthz", flush=True)
+            print(f"loadsnap demo: loadsnap top --instance {args.instance}", flush=True)
+            workload = _Workload(controller, args)
+            workload.thread.start()
+            _show(args, reader, workload, duration, interactive and not args.no_table)
+            if workload.error is not None:
+                raise workload.error
+    except KeyboardInterrupt:
+        pass
+    except (LoadsnapError, OSError, RuntimeError) as exc:
+        print(f"loadsnap demo: {exc}", file=sys.stderr)
+        status = 1
     finally:
-        for writer in writers:
-            writer.close()
-    return 0
+        if workload is not None:
+            workload.stop.set()
+            workload.thread.join(10.0)
+        if controller is not None:
+            controller.close()
+        if server is not None:
+            server.stop()
+        if fleet is not None:
+            fleet.close()
+        signal.signal(signal.SIGTERM, previous)
+        done = f"{workload.submitted} requests dispatched, " if workload else ""
+        print(f"loadsnap demo: stopped; {done}segment removed", flush=True)
+    return status
+
+
+def _show(
+    args: argparse.Namespace,
+    reader: Any,
+    workload: _Workload,
+    duration: float | None,
+    live_table: bool,
+) -> None:
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.text import Text
+
+    from loadsnap.exposition import render_table
+
+    deadline = None if duration is None else time.monotonic() + duration
+    title = f"loadsnap demo: {args.instance} ({args.dp_size} ranks, policy {args.policy})"
+
+    def frame() -> Group:
+        footer = Text(
+            f"dispatched {workload.submitted}  finished {workload.finished}  "
+            + ("Ctrl-C to stop" if deadline is None else "")
+        )
+        return Group(render_table(reader.read_all(), title), footer)
+
+    def running() -> bool:
+        alive = not workload.stop.is_set()
+        return alive and (deadline is None or time.monotonic() < deadline)
+
+    if live_table:
+        with Live(frame(), console=Console(), auto_refresh=False) as live:
+            while running():
+                time.sleep(0.25)
+                live.update(frame(), refresh=True)
+        return
+    next_status = time.monotonic() + STATUS_EVERY_S
+    while running():
+        time.sleep(0.1)
+        if time.monotonic() >= next_status:
+            next_status += STATUS_EVERY_S
+            reads = reader.read_all()
+            ranks = " ".join(
+                f"r{r.rank}:{r.status.label}:{r.snapshot.num_running_reqs if r.snapshot else '-'}"
+                for r in reads
+            )
+            print(
+                f"loadsnap demo: dispatched {workload.submitted} finished {workload.finished} "
+                f"{ranks}",
+                flush=True,
+            )

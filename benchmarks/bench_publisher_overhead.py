@@ -1,0 +1,249 @@
+"""Publisher overhead: what ``LoadPublisher`` adds to a scheduler cycle, publishing and not.
+
+Measured in one run, side by side:
+
+1. **Not publishing**: ``LoadPublisher.on_cycle`` when no publish is due (a counter increment
+   and a comparison), timed in batches of calls minus an empty-call loop.
+2. **Publishing**: ``LoadPublisher.publish_now`` with the real provider (the reference
+   scheduler's ``BatchEngine.snapshot`` over a busy decode batch) and a real ``ShmWriter``; also
+   the provider alone and the writer alone; and the reference design's publish (same provider,
+   flock-guarded segment write, ``benchmarks.baselines.flock_segment``).
+3. **Per cycle**: the amortised cost at the default cadence (every 15 cycles), as a fraction of
+   a typical step: the ``sim`` cost model's decode step for the batch (what a GPU step takes)
+   and the measured Python bookkeeping of one reference-scheduler cycle (the smallest step a
+   Python scheduler can have).
+
+Run: ``python -m benchmarks.bench_publisher_overhead`` (``--quick`` for the smoke test).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from benchmarks._common import (
+    BenchResult,
+    Headline,
+    Table,
+    finish,
+    fmt_us,
+    latency_stats,
+    make_parser,
+    unique_instance,
+)
+from benchmarks.baselines.flock_segment import FlockSegment
+from loadsnap import LoadSnapshot, ShmWriter, unlink_segment
+from scheduler.engine import BatchEngine, EngineConfig, StepResult
+from scheduler.executors import CostModel, SimExecutor
+from scheduler.messages import Request
+from scheduler.publisher import DEFAULT_EVERY_N_CYCLES, LoadPublisher
+
+NAME: Final[str] = "bench_publisher_overhead"
+REPORT_ORDER: Final[int] = 7
+REPORT_ARGS: Final[list[str]] = []
+QUESTION: Final[str] = (
+    "What does the load publisher add to one scheduler cycle, when it publishes and when it "
+    "does not, as a fraction of a typical step?"
+)
+MS: Final[int] = 1_000_000
+
+
+def busy_engine(batch: int) -> BatchEngine:
+    """A reference engine with ``batch`` requests in decode and a few waiting (long-running)."""
+    engine = BatchEngine(
+        EngineConfig(
+            max_running_requests=batch,
+            max_total_num_tokens=batch * 4096,
+            chunked_prefill_size=8192,
+        )
+    )
+    shared = list(range(256))  # a shared system prompt: prefix-cache hits
+    for seq in range(1, batch + 9):
+        prompt = shared + [seq * 10_000 + i for i in range(256)]
+        engine.add_request(
+            Request(
+                rid=seq,
+                dispatch_seq=seq,
+                prompt=prompt,
+                max_new_tokens=3000,
+                dispatched_mono_ns=0,
+            ),
+            0,
+        )
+    now = 0
+    for _ in range(3):
+        plan = engine.schedule(now)
+        if plan is not None:
+            engine.complete(plan, StepResult(0.001), now + MS)
+        now += 2 * MS
+    return engine
+
+
+def _per_call_ns(call: Callable[[], object], calls: int, rounds: int) -> float:
+    """Median over rounds of (batch time / calls), in ns."""
+    clock = time.perf_counter_ns
+    per_round = []
+    for _ in range(rounds):
+        t0 = clock()
+        for _ in range(calls):
+            call()
+        per_round.append((clock() - t0) / calls)
+    return float(statistics.median(per_round))
+
+
+def _samples_ns(call: Callable[[], object], count: int) -> list[int]:
+    clock = time.perf_counter_ns
+    out = []
+    for _ in range(count):
+        t0 = clock()
+        call()
+        out.append(clock() - t0)
+    return out
+
+
+def measure(batch: int, calls: int, samples: int) -> dict[str, Any]:
+    """Every cost this benchmark reports, in one process."""
+    engine = busy_engine(batch)
+    executor = SimExecutor(kv_capacity=engine.config.max_total_num_tokens, sleep=lambda _: None)
+    memory = executor.memory_section()
+    now = [10 * MS]
+
+    def provider() -> LoadSnapshot:
+        return engine.snapshot(now[0], memory)
+
+    def engine_cycle() -> None:
+        now[0] += MS
+        plan = engine.schedule(now[0])
+        assert plan is not None
+        engine.complete(plan, StepResult(0.0), now[0])
+
+    instance = unique_instance("bench-pubov")
+    flock_path = os.path.join(tempfile.gettempdir(), f"{instance}-flock")
+    writer = ShmWriter(instance, 1, 0)
+    flock = FlockSegment(flock_path, 1, create=True)
+    try:
+        never = LoadPublisher(writer, provider, every_n_cycles=2**62)
+        always = LoadPublisher(writer, provider, every_n_cycles=1)
+        snapshot = provider()
+
+        def noop() -> None:
+            return None
+
+        def flock_publish() -> None:
+            flock.write(provider())
+
+        empty_ns = _per_call_ns(noop, calls, 7)
+        idle_ns = _per_call_ns(never.on_cycle, calls, 7) - empty_ns
+        results: dict[str, Any] = {
+            "empty_call_ns": empty_ns,
+            "on_cycle_not_due_ns": max(0.0, idle_ns),
+            "publish": latency_stats(_samples_ns(always.publish_now, samples)),
+            "provider": latency_stats(_samples_ns(provider, samples)),
+            "writer": latency_stats(_samples_ns(lambda: writer.publish(snapshot), samples)),
+            "flock_publish": latency_stats(_samples_ns(flock_publish, samples)),
+            "engine_cycle": latency_stats(_samples_ns(engine_cycle, max(50, samples // 20))),
+        }
+        assert always.stats.failures == 0, always.stats.last_error
+    finally:
+        writer.close()
+        flock.close(unlink=True)
+        unlink_segment(instance)
+    plan = engine.schedule(now[0])
+    assert plan is not None
+    results["modelled_step_s"] = CostModel().step_s(plan)
+    results["batch"] = len(plan.items)
+    return results
+
+
+def build_result(m: dict[str, Any], every: int) -> BenchResult:
+    """Tables, headlines and targets from the measurements."""
+    result = BenchResult(NAME, QUESTION, data={"measurements": m, "every_n_cycles": every})
+    rows = []
+    for key, label in (
+        ("publish", "publish (provider + ShmWriter)"),
+        ("provider", "  provider: engine.snapshot()"),
+        ("writer", "  ShmWriter.publish"),
+        ("flock_publish", "reference: provider + flock write"),
+        ("engine_cycle", "reference scheduler cycle (Python)"),
+    ):
+        s = m[key]
+        rows.append([label, fmt_us(s["p50"]), fmt_us(s["p99"]), fmt_us(s["mean"])])
+    rows.append(["on_cycle, not due (counter)", fmt_us(m["on_cycle_not_due_ns"] / 1e3), "", ""])
+    result.tables.append(Table("Cost per call (µs)", ["operation", "p50", "p99", "mean"], rows))
+
+    step_us = m["modelled_step_s"] * 1e6
+    cycle_us = m["engine_cycle"]["p50"]
+    idle_us = m["on_cycle_not_due_ns"] / 1e3
+    publish_us = m["publish"]["p50"]
+    flock_us = m["flock_publish"]["p50"]
+    per_cycle = {
+        "not publishing": idle_us,
+        "publishing (every cycle)": publish_us + idle_us,
+        f"amortised, every {every} cycles": idle_us + publish_us / every,
+        f"reference flock, every {every} cycles": idle_us + flock_us / every,
+    }
+    rows = [
+        [
+            label,
+            fmt_us(us),
+            f"{100 * us / step_us:.4f}%",
+            f"{100 * us / cycle_us:.3f}%",
+        ]
+        for label, us in per_cycle.items()
+    ]
+    result.tables.append(
+        Table(
+            f"Publisher overhead per cycle (batch {m['batch']}; modelled decode step "
+            f"{step_us / 1e3:.2f} ms; Python engine cycle {cycle_us:.0f} µs)",
+            ["cycle", "µs/cycle", "% of step", "% of engine cycle"],
+            rows,
+        )
+    )
+    amortised = idle_us + publish_us / every
+    result.headlines.append(
+        Headline(
+            metric=f"publisher cost per cycle, amortised at every {every}",
+            ours=amortised,
+            baseline=idle_us + flock_us / every,
+            baseline_name="reference flock publish",
+            unit="µs",
+        )
+    )
+    result.add_target(
+        "not publishing costs < 0.01% of a modelled step",
+        idle_us / step_us < 1e-4,
+        f"{100 * idle_us / step_us:.5f}%",
+    )
+    result.add_target(
+        f"amortised publishing (every {every}) costs < 1% of a modelled step",
+        amortised / step_us < 0.01,
+        f"{100 * amortised / step_us:.4f}%",
+    )
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; see the module docstring."""
+    import sys
+
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser(__doc__)
+    parser.add_argument("--batch", type=int, default=64, help="running requests in decode")
+    parser.add_argument("--calls", type=int, default=1_000_000, help="on_cycle calls per round")
+    parser.add_argument("--samples", type=int, default=20_000, help="publish samples per kind")
+    parser.add_argument("--every", type=int, default=DEFAULT_EVERY_N_CYCLES, help="cadence")
+    args = parser.parse_args(args_list)
+    if args.quick:
+        args.batch, args.calls, args.samples = 8, 20_000, 300
+    started = time.perf_counter()
+    measurements = measure(args.batch, args.calls, args.samples)
+    finish(build_result(measurements, args.every), args_list, started, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

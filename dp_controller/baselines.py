@@ -1,0 +1,88 @@
+"""Baseline dispatchers to measure ours against.
+
+:class:`OverwriteBudget` reproduces the reference design (sglang's DP controller with load
+snapshots): every refresh, at most once per 20 ms, *overwrites* the per-rank request counts with
+the latest snapshot (running + waiting), each decision takes the lowest count with the
+lowest-rank tie-break (``list.index(min(...))``) and adds an optimistic +1. Requests sent but
+not yet seen by a scheduler vanish at the next refresh, so bursts herd onto one rank
+(``NOTES.md`` §1.3). It ignores staleness, like the reference.
+
+It still numbers dispatches per rank, because the schedulers require gap-free sequences.
+"""
+
+from __future__ import annotations
+
+from dp_controller.budget import DEFAULT_REFRESH_INTERVAL_S
+from dp_controller.dispatching import Clock, Dispatch, monotonic_clock
+from loadsnap.errors import LoadsnapError, UsageError
+from loadsnap.reading import SnapshotSource
+
+__all__ = ["OverwriteBudget"]
+
+
+class OverwriteBudget:
+    """The reference design's overwrite-plus-throttle budget. Single owner; not thread-safe.
+
+    Parameters
+    ----------
+    source:
+        Where every rank's load comes from.
+    refresh_interval_s:
+        Minimum time between two reads (the reference uses 20 ms).
+    dp_size:
+        Number of ranks; defaults to ``source.dp_size``.
+    clock:
+        Monotonic nanoseconds.
+    """
+
+    def __init__(
+        self,
+        source: SnapshotSource,
+        refresh_interval_s: float = DEFAULT_REFRESH_INTERVAL_S,
+        *,
+        dp_size: int | None = None,
+        clock: Clock = monotonic_clock,
+    ) -> None:
+        n = source.dp_size if dp_size is None else dp_size
+        if n < 1:
+            raise UsageError(f"dp_size must be >= 1: dp_size={n}")
+        self.source = source
+        self._n = n
+        self._interval_ns = int(refresh_interval_s * 1e9)
+        self._clock = clock
+        self._last_refresh_ns: int | None = None
+        self.counts = [0] * n
+        self._seq = [0] * n
+        self.decisions = 0
+
+    @property
+    def dp_size(self) -> int:
+        """Number of ranks."""
+        return self._n
+
+    def refresh(self, force: bool = False) -> bool:
+        """Overwrite the counts with the latest snapshot if 20 ms passed (or ``force``)."""
+        now = self._clock()
+        last = self._last_refresh_ns
+        if not force and last is not None and now - last < self._interval_ns:
+            return False
+        self._last_refresh_ns = now
+        try:
+            table = self.source.hot_table()
+        except LoadsnapError:
+            return True
+        if table.dp_size == self._n:
+            # The reference's weakness, on purpose: in-flight +1s are overwritten here.
+            self.counts = (table.num_running_reqs + table.num_waiting_reqs).astype(int).tolist()
+        return True
+
+    def dispatch(self, est_tokens: int, rank: int | None = None) -> Dispatch:
+        """Lowest count wins, lowest rank on ties; +1 to the chosen rank."""
+        self.refresh()
+        self.decisions += 1
+        counts = self.counts
+        chosen = counts.index(min(counts)) if rank is None else rank
+        counts[chosen] += 1
+        seq = self._seq[chosen] + 1
+        self._seq[chosen] = seq
+        return Dispatch(chosen, seq)

@@ -1,0 +1,495 @@
+"""``DPBudget``: per-rank load budget over numpy arrays, with a dispatch ledger.
+
+Theory of operation
+-------------------
+The budget of a rank is what its scheduler last reported (read from the hot table, no msgpack
+decode) plus every dispatch it has not yet acknowledged (:class:`~dp_controller.ledger.
+DispatchLedger`). A refresh happens at most once per ``refresh_interval_s`` and only when a
+decision needs it; between refreshes each decision adds to the ledger, so a burst inside one
+refresh window still spreads over the ranks. A refresh accepts a rank's numbers only when its
+record sequence moved forward in the same epoch; a new epoch (a restarted scheduler) resets that
+rank's ledger; an older epoch is ignored.
+
+Staleness: fresh ranks are scored; stale (and never-published, torn or invalid) ranks are
+treated as saturated, or scored like fresh ones with ``StalePolicy.IGNORE``; dead ranks are
+excluded. When no rank can be scored the budget fails open to round robin over the ranks that
+are not dead (over every rank if all are dead), counting each such decision, rather than stop.
+
+Ties between equal scores rotate: the search starts after the last chosen rank, so an idle
+cluster is served round robin instead of hammering rank 0.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from bisect import bisect_left
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from dp_controller.dispatching import Clock, Dispatch, monotonic_clock
+from dp_controller.ledger import DispatchLedger
+from loadsnap.errors import LoadsnapError, UsageError
+from loadsnap.reading import DEFAULT_STALE_AFTER_S, HotTable, SlotStatus, SnapshotSource
+
+__all__ = [
+    "DEFAULT_REFRESH_INTERVAL_S",
+    "BudgetConfig",
+    "BudgetStats",
+    "DPBudget",
+    "Policy",
+    "StalePolicy",
+    "check_publish_period",
+]
+
+log = logging.getLogger("dp_controller")
+
+DEFAULT_REFRESH_INTERVAL_S: Final[float] = 0.020
+# TOTAL_TOKENS packs (tokens, requests) into one float64 key: requests below 2**20 per rank.
+_REQ_SCALE: Final[float] = float(2**20)
+_MAX_USAGE: Final[float] = 0.999
+# Up to this many ranks a decision loops in Python (faster than numpy's per-call overhead).
+SCALAR_MAX_DP: Final[int] = 32
+
+
+class Policy(enum.Enum):
+    """How a rank is chosen."""
+
+    ROUND_ROBIN = "round_robin"
+    TOTAL_REQUESTS = "total_requests"  # running + waiting (+ unacknowledged)
+    TOTAL_TOKENS = "total_tokens"  # num_total_tokens (+ unacknowledged), requests break ties
+    # Queued work over throughput, times a convex KV-pressure penalty 1 + w * u**2 / (1 - u).
+    WORK_OVER_THROUGHPUT = "work_over_throughput"
+
+
+class StalePolicy(enum.Enum):
+    """What a stale rank's numbers are worth."""
+
+    SATURATED = "saturated"  # never chosen while a fresh rank exists
+    IGNORE = "ignore"  # scored like a fresh rank on its last numbers
+
+
+class RankHealth(enum.IntEnum):
+    """A rank's standing at the last refresh."""
+
+    FRESH = 0
+    STALE = 1  # stale, never published, torn or invalid: numbers not trustworthy
+    DEAD = 2
+
+
+_HEALTH_OF_STATUS: Final[npt.NDArray[np.uint8]] = np.array(
+    [
+        RankHealth.FRESH,  # FRESH
+        RankHealth.STALE,  # STALE
+        RankHealth.DEAD,  # DEAD
+        RankHealth.STALE,  # NEVER_PUBLISHED
+        RankHealth.STALE,  # TORN
+        RankHealth.STALE,  # INVALID
+    ],
+    dtype=np.uint8,
+)
+assert len(_HEALTH_OF_STATUS) == len(SlotStatus)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetConfig:
+    """Tunables of :class:`DPBudget`.
+
+    Parameters
+    ----------
+    policy:
+        How ranks are scored.
+    refresh_interval_s:
+        Minimum time between two reads of the load source (the reference design's 20 ms).
+    stale_policy:
+        What stale ranks are worth.
+    stale_after_s:
+        The staleness budget the source applies; used to warn when a rank publishes less often.
+    kv_weight:
+        Weight of the KV-pressure penalty (``WORK_OVER_THROUGHPUT``).
+    throughput_floor:
+        Minimum tokens/s assumed for any rank. A rank without waiting requests is assumed to
+        run as fast as the fastest usable rank (its own throughput reflects demand, not
+        capacity); a rank with a queue is taken at its reported throughput.
+    """
+
+    policy: Policy = Policy.WORK_OVER_THROUGHPUT
+    refresh_interval_s: float = DEFAULT_REFRESH_INTERVAL_S
+    stale_policy: StalePolicy = StalePolicy.SATURATED
+    stale_after_s: float = DEFAULT_STALE_AFTER_S
+    kv_weight: float = 4.0
+    throughput_floor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.refresh_interval_s >= 0:
+            raise UsageError(f"refresh_interval_s must be >= 0: {self.refresh_interval_s}")
+        if not self.stale_after_s > 0:
+            raise UsageError(f"stale_after_s must be > 0: stale_after_s={self.stale_after_s}")
+        if not (self.kv_weight >= 0 and math.isfinite(self.kv_weight)):
+            raise UsageError(f"kv_weight must be finite and >= 0: kv_weight={self.kv_weight}")
+        if not self.throughput_floor > 0:
+            raise UsageError(f"throughput_floor must be > 0: {self.throughput_floor}")
+
+
+class BudgetStats:
+    """Counters of one budget (monotonic). Not thread-safe."""
+
+    __slots__ = (
+        "decisions",
+        "epoch_resets",
+        "fail_open_decisions",
+        "ignored_snapshots",
+        "pinned",
+        "refreshes",
+        "source_errors",
+    )
+
+    def __init__(self) -> None:
+        self.decisions = 0
+        self.pinned = 0
+        self.fail_open_decisions = 0
+        self.refreshes = 0
+        self.ignored_snapshots = 0  # same or older sequence, or an older epoch
+        self.epoch_resets = 0
+        self.source_errors = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters by name."""
+        return {name: int(getattr(self, name)) for name in self.__slots__}
+
+
+def check_publish_period(publish_period_s: float, stale_after_s: float) -> bool:
+    """Log a warning and return False when ranks would turn stale between two publishes."""
+    if publish_period_s > stale_after_s:
+        log.warning(
+            "publish period longer than the staleness budget: publish_period_s=%.3f "
+            "stale_after_s=%.3f; ranks will flip to stale between publishes",
+            publish_period_s,
+            stale_after_s,
+        )
+        return False
+    return True
+
+
+class DPBudget:
+    """Chooses a rank per request from reported load plus unacknowledged dispatches.
+
+    Single owner; not thread-safe. Never blocks: the source is read at most once per refresh
+    interval, and a source error keeps the previous numbers (counted in ``stats``).
+
+    Parameters
+    ----------
+    source:
+        Where every rank's load comes from (``ShmReader`` or a test double).
+    config:
+        Tunables; see :class:`BudgetConfig`.
+    dp_size:
+        Number of ranks; defaults to ``source.dp_size``.
+    clock:
+        Monotonic nanoseconds; tests pass a fake clock.
+    """
+
+    def __init__(
+        self,
+        source: SnapshotSource,
+        config: BudgetConfig | None = None,
+        *,
+        dp_size: int | None = None,
+        clock: Clock = monotonic_clock,
+    ) -> None:
+        self.config = config or BudgetConfig()
+        self.source = source
+        n = source.dp_size if dp_size is None else dp_size
+        if n < 1:
+            raise UsageError(f"dp_size must be >= 1: dp_size={n}")
+        self._n = n
+        self.ledger = DispatchLedger(n)
+        self.stats = BudgetStats()
+        self._clock = clock
+        self._interval_ns = int(self.config.refresh_interval_s * 1e9)
+        self._last_refresh_ns: int | None = None
+        self._cursor = 0
+        self._policy = self.config.policy
+        # Last accepted record per rank.
+        self._epoch = np.zeros(n, dtype=np.uint64)
+        self._seq = np.zeros(n, dtype=np.uint64)
+        self._publish_ns = np.zeros(n, dtype=np.uint64)
+        self._period_s = np.full(n, np.nan)
+        self._warned = np.zeros(n, dtype=bool)
+        # Reported numbers (float64: scores are computed in floating point).
+        self.reported_reqs = np.zeros(n)
+        self.reported_tokens = np.zeros(n)
+        self._used_tokens = np.zeros(n)
+        self._max_tokens = np.zeros(n)
+        self._throughput = np.zeros(n)
+        self._waiting = np.zeros(n)
+        self._rate = np.ones(n)
+        self.health = np.full(n, RankHealth.STALE, dtype=np.uint8)
+        self._penalty = np.zeros(n)
+        self._fail_open = True
+        self._rr_ranks: list[int] = list(range(n))
+        self._update_masks()
+
+    # --- state --------------------------------------------------------------------------------
+
+    @property
+    def dp_size(self) -> int:
+        """Number of ranks."""
+        return self._n
+
+    @property
+    def failing_open(self) -> bool:
+        """True when no rank can be scored and decisions fall back to round robin."""
+        return self._fail_open
+
+    def budget_requests(self) -> npt.NDArray[np.float64]:
+        """Per-rank requests: reported running + waiting plus unacknowledged dispatches."""
+        return self.reported_reqs + self.ledger.unacked_count
+
+    def budget_tokens(self) -> npt.NDArray[np.float64]:
+        """Per-rank tokens: reported ``num_total_tokens`` plus unacknowledged estimates."""
+        return self.reported_tokens + self.ledger.unacked_tokens
+
+    # --- refresh ------------------------------------------------------------------------------
+
+    def refresh(self, force: bool = False) -> bool:
+        """Read the source if the refresh interval has passed (or ``force``).
+
+        Returns True when the source was read. A source error (no segment yet, ...) keeps the
+        previous numbers and is counted in ``stats.source_errors``.
+        """
+        now = self._clock()
+        last = self._last_refresh_ns
+        if not force and last is not None and now - last < self._interval_ns:
+            return False
+        self._last_refresh_ns = now
+        try:
+            table = self.source.hot_table()
+        except LoadsnapError as exc:
+            self.stats.source_errors += 1
+            log.debug("load source unavailable: %s", exc)
+            return True
+        self.apply_table(table)
+        return True
+
+    def apply_table(self, table: HotTable) -> None:
+        """Take a hot table's numbers (what :meth:`refresh` does after reading)."""
+        self.stats.refreshes += 1
+        n = self._n
+        if table.dp_size != n:
+            self.stats.source_errors += 1
+            log.warning("hot table size mismatch: expected=%d found=%d", n, table.dp_size)
+            return
+        status = np.minimum(table.status, len(_HEALTH_OF_STATUS) - 1)
+        health = _HEALTH_OF_STATUS[status]
+        valid = table.valid
+        epoch, seq = table.epoch, table.seq
+        known = self._epoch
+        newer_epoch = valid & (epoch > known)
+        restarted = newer_epoch & (known != 0)
+        for rank in np.flatnonzero(restarted).tolist():
+            self.ledger.reset_rank(rank)
+            self.stats.epoch_resets += 1
+            self._seq[rank] = 0
+            self._publish_ns[rank] = 0
+            self._period_s[rank] = np.nan
+        accept = valid & ((epoch == known) & (seq > self._seq) | newer_epoch)
+        self.stats.ignored_snapshots += int(np.count_nonzero(valid & ~accept))
+        # A rank whose snapshot is an older epoch keeps its previous health and numbers.
+        older = valid & (epoch < known)
+        health[older] = self.health[older]
+        if accept.any():
+            self._accept(table, accept)
+        self.health = health
+        self._update_masks()
+
+    def _accept(self, table: HotTable, accept: npt.NDArray[np.bool_]) -> None:
+        prev_seq = self._seq[accept].astype(np.float64)
+        prev_ns = self._publish_ns[accept].astype(np.float64)
+        new_seq = table.seq[accept]
+        new_ns = table.publish_mono_ns[accept]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            period = (new_ns.astype(np.float64) - prev_ns) / 1e9 / (new_seq - prev_seq)
+        period = np.where(prev_seq > 0, period, np.nan)
+        self._period_s[accept] = period
+        self._epoch[accept] = table.epoch[accept]
+        self._seq[accept] = new_seq
+        self._publish_ns[accept] = new_ns
+        self.reported_reqs[accept] = table.num_running_reqs[accept] + table.num_waiting_reqs[accept]
+        self.reported_tokens[accept] = table.num_total_tokens[accept]
+        self._used_tokens[accept] = table.num_used_tokens[accept]
+        self._max_tokens[accept] = table.max_total_num_tokens[accept]
+        self._throughput[accept] = table.gen_throughput[accept]
+        self._waiting[accept] = table.num_waiting_reqs[accept]
+        acks = table.last_accepted_dispatch_seq
+        ledger = self.ledger
+        for rank in np.flatnonzero(accept).tolist():
+            ledger.acknowledge(rank, int(acks[rank]))
+        slow = (self._period_s > self.config.stale_after_s) & ~self._warned
+        for rank in np.flatnonzero(slow).tolist():
+            self._warned[rank] = True
+            log.warning(
+                "rank publishes less often than the staleness budget: dp_rank=%d "
+                "publish_period_s=%.3f stale_after_s=%.3f",
+                rank,
+                self._period_s[rank],
+                self.config.stale_after_s,
+            )
+
+    def publish_period_s(self) -> npt.NDArray[np.float64]:
+        """Each rank's last observed publish period (NaN until two records were seen)."""
+        return self._period_s.copy()
+
+    def _update_masks(self) -> None:
+        health = self.health
+        alive = health != RankHealth.DEAD
+        if self.config.stale_policy is StalePolicy.IGNORE:
+            usable = alive & (self._seq > 0)
+        else:
+            usable = health == RankHealth.FRESH
+        self._penalty = np.where(usable, 0.0, np.inf)
+        self._fail_open = not bool(usable.any())
+        self._rr_ranks = np.flatnonzero(alive).tolist() if alive.any() else list(range(self._n))
+        # Only a rank with a queue runs at capacity, so only its throughput measures capacity;
+        # one without a queue (an idle one reports ~0 tokens/s) may be as fast as the best.
+        floor = self.config.throughput_floor
+        best = float(self._throughput[usable].max()) if usable.any() else 0.0
+        rate = np.where(self._waiting > 0, self._throughput, max(best, floor))
+        self._rate = np.maximum(rate, floor)
+        if self._n <= SCALAR_MAX_DP:
+            self._prepare_scalar(np.flatnonzero(usable).tolist())
+
+    def _prepare_scalar(self, usable: list[int]) -> None:
+        # Per cursor position, the usable ranks in rotated order (ties go to the first).
+        n = self._n
+        self._rotations = [
+            [r for r in usable if r >= c] + [r for r in usable if r < c] for c in range(n)
+        ]
+        self._s_reqs: list[float] = self.reported_reqs.tolist()
+        self._s_tokens: list[float] = self.reported_tokens.tolist()
+        self._s_used: list[float] = self._used_tokens.tolist()
+        self._s_max: list[float] = self._max_tokens.tolist()
+        self._s_rate: list[float] = self._rate.tolist()
+
+    # --- decisions ----------------------------------------------------------------------------
+
+    def dispatch(self, est_tokens: int, rank: int | None = None) -> Dispatch:
+        """Choose a rank for a request of ``est_tokens`` tokens and record it in the ledger.
+
+        Parameters
+        ----------
+        est_tokens:
+            Estimated tokens the request adds (prompt + expected output).
+        rank:
+            A rank chosen by the caller (pinned): no choice is made, but the dispatch is still
+            recorded, so it counts in the budget.
+
+        Returns
+        -------
+        Dispatch
+            The rank and the per-rank sequence number the request must carry.
+
+        Raises
+        ------
+        UsageError
+            ``rank`` out of range or ``est_tokens`` negative.
+        """
+        self.refresh()
+        self.stats.decisions += 1
+        if rank is not None:
+            self.stats.pinned += 1
+            return Dispatch(rank, self.ledger.record(rank, est_tokens))
+        if self._fail_open:
+            self.stats.fail_open_decisions += 1
+            chosen = self._next_round_robin()
+        elif self._policy is Policy.ROUND_ROBIN:
+            chosen = self._next_round_robin()
+        elif self._n <= SCALAR_MAX_DP:
+            chosen = self._choose_scalar(est_tokens)
+        else:
+            chosen = self._argmin(self.scores(est_tokens))
+        return Dispatch(chosen, self.ledger.record(chosen, est_tokens))
+
+    def _choose_scalar(self, est_tokens: int) -> int:
+        # The same arithmetic as :meth:`scores`, in the same order (so the same doubles), one
+        # rank at a time: cheaper than numpy for a few ranks. Strict "<" over the rotated
+        # order is the rotating tie-break.
+        ledger = self.ledger
+        policy = self._policy
+        order = self._rotations[self._cursor]
+        best = math.inf
+        chosen = order[0]
+        if policy is Policy.WORK_OVER_THROUGHPUT:
+            tokens, used, cap, rate = self._s_tokens, self._s_used, self._s_max, self._s_rate
+            pending_l = ledger.tokens_list
+            est = float(est_tokens)
+            w = self.config.kv_weight
+            for k in order:
+                pending = pending_l[k] + est
+                m = cap[k]
+                u = (used[k] + pending) / m if m > 0 else 0.0
+                if u > _MAX_USAGE:
+                    u = _MAX_USAGE
+                score = (tokens[k] + pending) / rate[k] * (1.0 + w * u * u / (1.0 - u))
+                if score < best:
+                    best, chosen = score, k
+        elif policy is Policy.TOTAL_REQUESTS:
+            reqs, counts = self._s_reqs, ledger.count_list
+            for k in order:
+                score = reqs[k] + counts[k]
+                if score < best:
+                    best, chosen = score, k
+        else:
+            reqs, counts = self._s_reqs, ledger.count_list
+            tokens, pending_l = self._s_tokens, ledger.tokens_list
+            for k in order:
+                score = (tokens[k] + pending_l[k]) * _REQ_SCALE + (reqs[k] + counts[k])
+                if score < best:
+                    best, chosen = score, k
+        self._cursor = chosen + 1 if chosen + 1 < self._n else 0
+        return chosen
+
+    def scores(self, est_tokens: int = 0) -> npt.NDArray[np.float64]:
+        """Per-rank scores under the policy (lower is better; ``inf`` = not eligible)."""
+        ledger = self.ledger
+        policy = self._policy
+        if policy is Policy.TOTAL_REQUESTS:
+            return self.reported_reqs + ledger.unacked_count + self._penalty
+        if policy is Policy.TOTAL_TOKENS:
+            tokens = self.reported_tokens + ledger.unacked_tokens
+            return tokens * _REQ_SCALE + (self.reported_reqs + ledger.unacked_count) + self._penalty
+        if policy is Policy.WORK_OVER_THROUGHPUT:
+            return self._work_scores(est_tokens)
+        return self._penalty + ledger.unacked_count * 0.0
+
+    def _work_scores(self, est_tokens: int) -> npt.NDArray[np.float64]:
+        pending = self.ledger.unacked_tokens + float(est_tokens)
+        work = self.reported_tokens + pending
+        with np.errstate(divide="ignore", invalid="ignore"):
+            usage = (self._used_tokens + pending) / self._max_tokens
+        usage = np.where(self._max_tokens > 0, usage, 0.0)
+        usage = np.minimum(usage, _MAX_USAGE)
+        pressure = 1.0 + self.config.kv_weight * usage * usage / (1.0 - usage)
+        return work / self._rate * pressure + self._penalty
+
+    def _argmin(self, score: npt.NDArray[np.float64]) -> int:
+        best = score.min()
+        ties = np.flatnonzero(score == best)
+        if ties.shape[0] == 1:
+            chosen = int(ties[0])
+        else:
+            i = int(np.searchsorted(ties, self._cursor))
+            chosen = int(ties[i if i < ties.shape[0] else 0])
+        self._cursor = chosen + 1 if chosen + 1 < self._n else 0
+        return chosen
+
+    def _next_round_robin(self) -> int:
+        ranks = self._rr_ranks
+        i = bisect_left(ranks, self._cursor)
+        chosen = ranks[i] if i < len(ranks) else ranks[0]
+        self._cursor = chosen + 1 if chosen + 1 < self._n else 0
+        return chosen

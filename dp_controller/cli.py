@@ -1,0 +1,210 @@
+"""Command line of the DP controller: ``python -m dp_controller`` and ``loadsnap controller``.
+
+Replays a seeded workload through a controller that dispatches to DP schedulers, then prints
+per-rank counts, imbalance and latency percentiles. Example (spawns 4 reference schedulers)::
+
+    python -m dp_controller --spawn --dp-size 4 --policy work_over_throughput --workload bursty
+
+Without ``--spawn`` it connects to running schedulers: ``--request-addr`` once per rank (or a
+``{rank}`` template) and ``--result-addr`` for this controller's PULL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from dp_controller.baselines import OverwriteBudget
+from dp_controller.budget import BudgetConfig, DPBudget, Policy, StalePolicy
+from dp_controller.controller import Controller, TraceRun, imbalance
+from dp_controller.dispatching import Dispatcher
+from dp_controller.fleet import SchedulerFleet
+from dp_controller.workload import PRESETS, generate_trace, preset
+from loadsnap.errors import LoadsnapError, UsageError
+from loadsnap.reading import DEFAULT_STALE_AFTER_S
+from loadsnap.shm_reader import ShmReader
+
+__all__ = ["POLICIES", "add_arguments", "build_parser", "main", "make_dispatcher", "run", "summary"]
+
+POLICIES = (*(p.value for p in Policy), "overwrite")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every controller flag to ``parser`` (shared by both entry points)."""
+    parser.add_argument("--instance", default=f"dpc-{os.getpid()}", help="instance name")
+    parser.add_argument("--dp-size", type=int, default=4, help="number of DP ranks")
+    parser.add_argument(
+        "--spawn", action="store_true", help="start --dp-size reference schedulers as children"
+    )
+    parser.add_argument(
+        "--request-addr",
+        action="append",
+        default=[],
+        help="a rank's scheduler request endpoint (once per rank, or one '{rank}' template)",
+    )
+    parser.add_argument("--result-addr", default=None, help="endpoint this controller binds")
+    parser.add_argument(
+        "--scheduler-arg",
+        action="append",
+        default=[],
+        help="extra flag for spawned schedulers (repeatable, e.g. --scheduler-arg=--executor=sim)",
+    )
+    pol = parser.add_argument_group("dispatch policy")
+    pol.add_argument("--policy", choices=POLICIES, default=Policy.WORK_OVER_THROUGHPUT.value)
+    pol.add_argument("--refresh-interval-ms", type=float, default=20.0)
+    pol.add_argument("--stale-policy", choices=[s.value for s in StalePolicy], default="saturated")
+    pol.add_argument("--stale-after-s", type=float, default=DEFAULT_STALE_AFTER_S)
+    pol.add_argument("--kv-weight", type=float, default=BudgetConfig().kv_weight)
+    wl = parser.add_argument_group("workload")
+    wl.add_argument("--workload", choices=sorted(PRESETS), default="bursty")
+    wl.add_argument("--seed", type=int, default=0)
+    wl.add_argument("--duration-s", type=float, default=None, help="override the preset's")
+    wl.add_argument("--rate-rps", type=float, default=None, help="override the preset's")
+    wl.add_argument("--drain-timeout-s", type=float, default=30.0)
+    ctl = parser.add_argument_group("control fan-out")
+    ctl.add_argument("--control", default=None, help="send this command (ping, flush_cache...)")
+    ctl.add_argument("--control-timeout-s", type=float, default=1.0)
+    ctl.add_argument("--control-concurrency", type=int, default=16)
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--log-level", default="WARNING")
+
+
+def make_dispatcher(
+    policy: str, reader: ShmReader, dp_size: int, config: BudgetConfig | None = None
+) -> Dispatcher:
+    """A dispatcher by name: a :class:`Policy` value, or ``overwrite`` for the baseline."""
+    cfg = config or BudgetConfig()
+    if policy == "overwrite":
+        return OverwriteBudget(reader, cfg.refresh_interval_s, dp_size=dp_size)
+    try:
+        chosen = Policy(policy)
+    except ValueError:
+        raise UsageError(f"unknown policy: policy={policy}; valid: {', '.join(POLICIES)}") from None
+    return DPBudget(
+        reader,
+        BudgetConfig(
+            policy=chosen,
+            refresh_interval_s=cfg.refresh_interval_s,
+            stale_policy=cfg.stale_policy,
+            stale_after_s=cfg.stale_after_s,
+            kv_weight=cfg.kv_weight,
+            throughput_floor=cfg.throughput_floor,
+        ),
+        dp_size=dp_size,
+    )
+
+
+def summary(run: TraceRun, dp_size: int) -> dict[str, Any]:
+    """Counts, imbalance and latency percentiles of a trace run, JSON-ready."""
+    per_rank = [0] * dp_size
+    for fin in run.finished:
+        if 0 <= fin.dp_rank < dp_size:
+            per_rank[fin.dp_rank] += 1
+    mean_imb, max_imb = imbalance(run.samples)
+    dispatch_imb, dispatch_max = imbalance(run.dispatch_samples)
+    out: dict[str, Any] = {
+        "dispatched": run.dispatched,
+        "finished": len(run.finished),
+        "unfinished": run.unfinished,
+        "duration_s": round(run.duration_s, 3),
+        "per_rank_finished": per_rank,
+        "imbalance_mean": round(mean_imb, 4),
+        "imbalance_max": round(max_imb, 4),
+        "imbalance_at_dispatch_mean": round(dispatch_imb, 4),
+        "imbalance_at_dispatch_max": round(dispatch_max, 4),
+    }
+    for name in ("queue_time_s", "ttft_s", "e2e_s"):
+        values = sorted(getattr(f, name) for f in run.finished)
+        for label, pct in (("p50", 0.50), ("p99", 0.99)):
+            key = f"{name.removesuffix('_s')}_{label}_s"
+            out[key] = values[min(len(values) - 1, int(pct * len(values)))] if values else None
+    return out
+
+
+def _request_addrs(args: argparse.Namespace) -> list[str]:
+    addrs: list[str] = args.request_addr
+    if len(addrs) == 1 and "{rank}" in addrs[0]:
+        return [addrs[0].format(rank=r) for r in range(args.dp_size)]
+    if len(addrs) != args.dp_size:
+        raise UsageError(
+            f"--request-addr: one per rank or one '{{rank}}' template: got={len(addrs)} "
+            f"dp_size={args.dp_size}"
+        )
+    return addrs
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the controller from parsed flags; exit status 2 on bad options or setup failure."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    fleet: SchedulerFleet | None = None
+    try:
+        config = BudgetConfig(
+            refresh_interval_s=args.refresh_interval_ms / 1e3,
+            stale_policy=StalePolicy(args.stale_policy),
+            stale_after_s=args.stale_after_s,
+            kv_weight=args.kv_weight,
+        )
+        overrides = {
+            k: v for k, v in (("seed", args.seed), ("duration_s", args.duration_s)) if v is not None
+        }
+        if args.rate_rps is not None:
+            overrides["rate_rps"] = args.rate_rps
+        trace = generate_trace(preset(args.workload, **overrides))
+        if args.spawn:
+            fleet = SchedulerFleet(args.instance, args.dp_size, args.scheduler_arg)
+            fleet.wait_ready()
+            request_addrs, result_addr = fleet.request_addrs, fleet.result_addr
+        else:
+            if args.result_addr is None:
+                raise UsageError("--result-addr is required without --spawn")
+            request_addrs, result_addr = _request_addrs(args), args.result_addr
+        with ShmReader(args.instance, stale_after_s=args.stale_after_s) as reader:
+            dispatcher = make_dispatcher(args.policy, reader, args.dp_size, config)
+            with Controller(dispatcher, request_addrs, result_addr) as controller:
+                report = summary(
+                    controller.run_trace(trace, drain_timeout_s=args.drain_timeout_s),
+                    args.dp_size,
+                )
+                report["policy"] = args.policy
+                if args.control:
+                    result = controller.control(
+                        args.control,
+                        timeout_s=args.control_timeout_s,
+                        max_concurrency=args.control_concurrency,
+                    )
+                    report["control"] = {
+                        str(r.dp_rank): {"outcome": r.outcome.value, "detail": r.detail}
+                        for r in result.ranks
+                    }
+    except (LoadsnapError, ValueError) as exc:
+        print(f"dp_controller: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if fleet is not None:
+            fleet.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for key, value in report.items():
+            print(f"{key:<22} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Parser of ``python -m dp_controller``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dp_controller",
+        description="DP controller: dispatch a seeded workload to DP schedulers and report.",
+    )
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m dp_controller``; returns the exit status."""
+    return run(build_parser().parse_args(argv))

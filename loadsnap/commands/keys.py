@@ -1,0 +1,56 @@
+"""``loadsnap keys generate DIR``: CURVE key pairs for the ZMQ collector and its writers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from loadsnap.curve import CLIENTS_DIR, MAX_CLIENTS, generate_keys
+from loadsnap.errors import LoadsnapError
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``keys`` subcommand."""
+    parser = subparsers.add_parser(
+        "keys",
+        help="generate CURVE keys for the ZMQ transport",
+        description="Manage CURVE keys that authenticate and encrypt ZMQ snapshots.",
+    )
+    actions = parser.add_subparsers(dest="keys_action", metavar="ACTION", required=True)
+    generate = actions.add_parser(
+        "generate",
+        help="write a server key pair and N client key pairs into DIR",
+        description=(
+            "Write DIR/server.key (public: copy to every writer node), DIR/server.key_secret "
+            f"(collector node only), and DIR/{CLIENTS_DIR}/client-NNN.key (public: the "
+            f"collector's allow-list) + client-NNN.key_secret (one per writer node). "
+            "Secret files are mode 0600; existing files are never overwritten."
+        ),
+    )
+    generate.add_argument("dir", metavar="DIR", help="output directory (created, mode 0700)")
+    generate.add_argument(
+        "--clients",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"number of client key pairs, 1..{MAX_CLIENTS} (default 1)",
+    )
+    generate.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Generate the keys and list the files written; exit status 1 on failure."""
+    try:
+        written = generate_keys(args.dir, clients=args.clients)
+    except LoadsnapError as exc:
+        print(f"loadsnap keys generate: {exc}", file=sys.stderr)
+        return 1
+    print(f"server public  {written.server_public}")
+    print(f"server secret  {written.server_secret}  (collector node only)")
+    for path in written.client_secrets:
+        print(f"client secret  {path}  (one writer node)")
+    print(
+        "collector: loadsnap collector --curve-dir DIR ...; writers: "
+        "LOADSNAP_CURVE_SERVER_KEY=DIR/server.key LOADSNAP_CURVE_CLIENT_KEY=<client secret>"
+    )
+    return 0

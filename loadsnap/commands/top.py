@@ -1,0 +1,67 @@
+"""``loadsnap top``: a live per-rank table of any running instance."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from loadsnap.reading import DEFAULT_STALE_AFTER_S
+from loadsnap.shm_reader import SegmentUnavailableError, ShmReader
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``top`` subcommand."""
+    parser = subparsers.add_parser(
+        "top",
+        help="live per-rank table of a running instance (load, KV usage, throughput, age)",
+        description=(
+            "Attach read-only to an instance's segment and redraw a per-rank table: running "
+            "and waiting requests with a load bar, KV-cache usage, generation throughput, "
+            "snapshot age and status (fresh, stale, dead...). Never slows the schedulers."
+        ),
+        epilog="Example: loadsnap top --instance demo   (Ctrl-C to quit)",
+    )
+    parser.add_argument("--instance", default="demo", help="deployment instance name")
+    parser.add_argument("--shm-dir", default=None, help="segment directory (default /dev/shm)")
+    parser.add_argument(
+        "--interval", type=float, default=0.25, metavar="SECONDS", help="redraw period"
+    )
+    parser.add_argument(
+        "--stale-after",
+        type=float,
+        default=DEFAULT_STALE_AFTER_S,
+        metavar="SECONDS",
+        help=f"age after which a rank is stale (default {DEFAULT_STALE_AFTER_S})",
+    )
+    parser.add_argument("--once", action="store_true", help="print one frame and exit")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Draw the table until Ctrl-C (or once); exit status 1 when no segment is readable."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from loadsnap.exposition import render_table
+
+    console = Console()
+    title = f"loadsnap top: {args.instance}"
+    with ShmReader(args.instance, shm_dir=args.shm_dir, stale_after_s=args.stale_after) as reader:
+        if args.once:
+            try:
+                console.print(render_table(reader.read_all(), title))
+            except SegmentUnavailableError as exc:
+                print(f"loadsnap top: {exc}", file=sys.stderr)
+                return 1
+            return 0
+        try:
+            with Live(console=console, auto_refresh=False) as live:
+                while True:
+                    try:
+                        live.update(render_table(reader.read_all(), title), refresh=True)
+                    except SegmentUnavailableError as exc:
+                        live.update(f"{title}: waiting for the segment ({exc})", refresh=True)
+                    time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0

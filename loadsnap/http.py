@@ -1,0 +1,261 @@
+"""``GET /v1/loads`` as a FastAPI ``APIRouter``: a thin adapter over the pure renderers.
+
+Mount it in any FastAPI app with one line::
+
+    app.include_router(loads_router(ShmReader("my-instance")))
+
+The read runs in a worker thread (``anyio.to_thread``), never on the event loop, and a lock
+serialises it because a reader is not thread-safe; a read takes microseconds, so the lock is
+never contended for long. Query parsing is a pure function, :func:`parse_loads_query`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeVar
+
+import anyio.to_thread
+import msgspec
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from loadsnap.errors import LoadsnapError, UsageError
+from loadsnap.exposition import (
+    CONTENT_TYPE_OPENMETRICS,
+    CONTENT_TYPE_TEXT,
+    USABLE_STATUSES,
+    render_json,
+    render_prometheus,
+)
+from loadsnap.reading import HotTable, SlotRead, SlotStatus, SnapshotSource
+from loadsnap.schema import SECTIONS, parse_include
+from loadsnap.shm_reader import SegmentUnavailableError
+
+__all__ = ["FORMATS", "LoadsQuery", "LockedSource", "loads_router", "parse_loads_query"]
+
+FORMATS: Final[tuple[str, ...]] = ("json", "prometheus", "openmetrics")
+OutputFormat = Literal["json", "prometheus", "openmetrics"]
+_RANK_RE: Final = re.compile(r"^\s*\d{1,9}\s*$")
+_OPENMETRICS_MEDIA: Final[str] = "application/openmetrics-text"
+T = TypeVar("T")
+
+
+class LockedSource:
+    """Serialises every call to a source that is not thread-safe. Safe from any thread.
+
+    Parameters
+    ----------
+    source:
+        The wrapped source, e.g. an :class:`~loadsnap.ShmReader`.
+    """
+
+    def __init__(self, source: SnapshotSource) -> None:
+        self.inner = source
+        self._lock = threading.Lock()
+
+    @property
+    def dp_size(self) -> int:
+        """The wrapped source's ``dp_size``."""
+        with self._lock:
+            return self.inner.dp_size
+
+    def read_all(self) -> list[SlotRead]:
+        """The wrapped source's ``read_all``, under the lock."""
+        with self._lock:
+            return self.inner.read_all()
+
+    def hot_table(self) -> HotTable:
+        """The wrapped source's ``hot_table``, under the lock."""
+        with self._lock:
+            return self.inner.hot_table()
+
+    def call(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(inner)`` under the lock (for diagnostics that need the source itself)."""
+        with self._lock:
+            return fn(self.inner)
+
+    @property
+    def stats(self) -> object:
+        """The wrapped source's ``stats`` attribute, if any (read without the lock)."""
+        return getattr(self.inner, "stats", None)
+
+
+@dataclass(frozen=True)
+class LoadsQuery:
+    """A validated ``/v1/loads`` query."""
+
+    dp_rank: int | None
+    include: frozenset[str]
+    format: OutputFormat
+
+
+def _wants_openmetrics(accept: str) -> bool:
+    return _OPENMETRICS_MEDIA in accept.lower()
+
+
+def parse_loads_query(
+    dp_rank: str | None,
+    include: str | None,
+    format: str | None,
+    accept: str = "",
+    *,
+    default_include: str = "core",
+) -> LoadsQuery:
+    """Validate the raw query strings of ``/v1/loads``.
+
+    ``format`` absent means JSON, unless ``Accept`` asks for OpenMetrics; ``prometheus`` means
+    text 0.0.4, or OpenMetrics when ``Accept`` asks for it.
+
+    Raises
+    ------
+    UsageError
+        A non-integer or negative rank, an unknown section or an unknown format; the message
+        says what is valid.
+    """
+    rank: int | None = None
+    if dp_rank is not None:
+        if not _RANK_RE.match(dp_rank):
+            raise UsageError(f"dp_rank: expected a non-negative integer, found {dp_rank!r}")
+        rank = int(dp_rank)
+    sections = parse_include(default_include if include is None else include)
+    fmt = (format or "").strip().lower()
+    if fmt == "":
+        fmt = "openmetrics" if _wants_openmetrics(accept) else "json"
+    elif fmt == "prometheus" and _wants_openmetrics(accept):
+        fmt = "openmetrics"
+    if fmt not in FORMATS:
+        raise UsageError(f"format: unknown value {format!r}; valid: {', '.join(FORMATS)}")
+    return LoadsQuery(rank, sections, fmt)  # type: ignore[arg-type]
+
+
+def _error(status: int, message: str, **extra: Any) -> Response:
+    headers = {"Cache-Control": "no-store"}
+    if status == 503:
+        headers["Retry-After"] = "1"
+    body = msgspec.json.encode({"detail": message, **extra})
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _unavailable(reads: list[SlotRead]) -> Response | None:
+    # 503 when no rank can be acted on, saying why.
+    if any(read.status in USABLE_STATUSES for read in reads):
+        return None
+    dead = sum(1 for read in reads if read.status is SlotStatus.DEAD)
+    if dead == len(reads):
+        return _error(503, f"every rank is dead: dead={dead} dp_size={len(reads)}", reason="dead")
+    counts = ", ".join(
+        f"{status.label}={n}"
+        for status in SlotStatus
+        if (n := sum(1 for read in reads if read.status is status))
+    )
+    return _error(503, f"no rank has a usable snapshot: {counts}", reason="no_data")
+
+
+def loads_router(
+    source: SnapshotSource,
+    *,
+    path: str = "/v1/loads",
+    prefix: str = "loadsnap_",
+    const_labels: Mapping[str, str] | None = None,
+    default_include: str = "core",
+    version: str | None = None,
+    clock: Callable[[], float] = time.time,
+) -> APIRouter:
+    """Build the ``/v1/loads`` router.
+
+    Query parameters: ``dp_rank`` (one rank), ``include`` (comma-separated sections: core,
+    memory, spec, lora, disagg, queues, all), ``format`` (json, prometheus, openmetrics).
+
+    Status codes: 200; 400 for bad input, with a message saying what is valid; 503 with
+    ``reason`` (``missing``, ``not_ready``, ``incompatible``, ``dead``, ``no_data``) when there
+    is nothing usable to report.
+
+    Parameters
+    ----------
+    source:
+        Any :class:`~loadsnap.SnapshotSource`; wrapped in :class:`LockedSource` unless it is one.
+    path:
+        Route path.
+    prefix, const_labels:
+        For the Prometheus formats (see :func:`~loadsnap.exposition.render_prometheus`).
+    default_include:
+        Sections when ``include`` is absent.
+    version:
+        Reported as ``version`` in JSON (default: loadsnap's version).
+    clock:
+        Wall clock for ``timestamp``.
+
+    Raises
+    ------
+    UsageError
+        An invalid prefix, constant label or default include.
+    """
+    if version is None:
+        from loadsnap import __version__
+
+        version = __version__
+    product_version: str = version
+    render_prometheus([], prefix, const_labels)  # validates prefix and labels now
+    parse_include(default_include)
+    locked = source if isinstance(source, LockedSource) else LockedSource(source)
+    labels = dict(const_labels or {})
+    router = APIRouter()
+
+    @router.get(
+        path,
+        summary="Every DP rank's latest load with its freshness",
+        response_description="JSON, Prometheus text or OpenMetrics",
+    )
+    async def get_loads(request: Request) -> Response:
+        params = request.query_params
+        try:
+            query = parse_loads_query(
+                params.get("dp_rank"),
+                params.get("include"),
+                params.get("format"),
+                request.headers.get("accept", ""),
+                default_include=default_include,
+            )
+        except UsageError as exc:
+            return _error(400, str(exc), valid_sections=list(SECTIONS), valid_formats=FORMATS)
+        try:
+            reads = await anyio.to_thread.run_sync(locked.read_all)
+        except SegmentUnavailableError as exc:
+            return _error(503, str(exc), reason=exc.state.value)
+        except LoadsnapError as exc:
+            return _error(503, str(exc), reason="incompatible")
+        if query.dp_rank is not None:
+            if query.dp_rank >= len(reads):
+                return _error(
+                    400,
+                    f"dp_rank out of range: dp_rank={query.dp_rank}; "
+                    f"valid: 0..{len(reads) - 1} (dp_size={len(reads)})",
+                )
+            reads = [reads[query.dp_rank]]
+            if reads[0].snapshot is None:
+                read = reads[0]
+                return _error(
+                    503,
+                    f"dp_rank={read.rank} has no usable snapshot: {read.status.label} "
+                    f"({read.reason})",
+                    reason=read.status.label,
+                )
+        elif (refusal := _unavailable(reads)) is not None:
+            return refusal
+        headers = {"Cache-Control": "no-store"}
+        if query.format == "json":
+            doc = render_json(reads, query.include, clock(), version=product_version)
+            return Response(
+                msgspec.json.encode(doc), media_type="application/json", headers=headers
+            )
+        openmetrics = query.format == "openmetrics"
+        text = render_prometheus(reads, prefix, labels, openmetrics, include=query.include)
+        content_type = CONTENT_TYPE_OPENMETRICS if openmetrics else CONTENT_TYPE_TEXT
+        headers["Content-Type"] = content_type
+        return Response(text.encode(), headers=headers)
+
+    return router

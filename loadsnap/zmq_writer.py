@@ -1,0 +1,207 @@
+"""``ZmqWriter``: publish one rank's snapshots to a remote collector over ZMQ PUSH.
+
+Theory of operation: the writer connects a PUSH socket to the collector's PULL and sends each
+snapshot as one msgpack frame with ``NOBLOCK``, so ``publish`` never waits:
+
+* ``IMMEDIATE`` keeps messages off connections that are not up yet: while the collector is
+  away ``send`` fails at once with ``EAGAIN``; the snapshot is dropped and counted
+  (``stats.dropped``), and the next one tries again.
+* ``CONFLATE`` (default) makes the outgoing queue hold only the newest snapshot: when the
+  collector is slow, an unsent older snapshot is replaced by the newer one (latest wins; such
+  replacements are not counted). With ``conflate=False`` a small ``SNDHWM`` bounds the queue
+  instead and the *newest* snapshot is the one dropped when it is full.
+* libzmq reconnects in the background (``RECONNECT_IVL`` .. ``RECONNECT_IVL_MAX``);
+  ``LINGER`` 0 makes close and context teardown immediate.
+
+Identity: ``epoch`` is derived from the wall clock (ms) and the pid at construction, so a
+restarted writer has a new, larger epoch; ``seq`` counts publishes from 1 within an epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Final
+
+import msgspec
+import zmq
+
+from loadsnap.curve import CurveClientKeys
+from loadsnap.errors import TransportError, UsageError
+from loadsnap.schema import LoadSnapshot, validate_snapshot
+
+__all__ = [
+    "DEFAULT_SNDHWM",
+    "RECONNECT_IVL_MAX_MS",
+    "RECONNECT_IVL_MS",
+    "ZmqWriter",
+    "ZmqWriterStats",
+    "make_epoch",
+]
+
+DEFAULT_SNDHWM: Final[int] = 4
+RECONNECT_IVL_MS: Final[int] = 100
+RECONNECT_IVL_MAX_MS: Final[int] = 2_000
+_EPOCH_PID_BITS: Final[int] = 16
+_MAX_RATE: Final[float] = 1e15
+
+
+def make_epoch(pid: int | None = None, wall_ns: int | None = None) -> int:
+    """A writer epoch: wall-clock milliseconds shifted left 16 bits, plus the pid's low 16 bits.
+
+    Increases across restarts on one host (fits 63 bits for millennia). Across hosts clocks may
+    disagree; the collector lets a lower epoch take over once the current one has gone quiet.
+    """
+    ms = (time.time_ns() if wall_ns is None else wall_ns) // 1_000_000
+    low = (os.getpid() if pid is None else pid) & ((1 << _EPOCH_PID_BITS) - 1)
+    return (ms << _EPOCH_PID_BITS) | low
+
+
+class ZmqWriterStats(msgspec.Struct):
+    """Counters of one :class:`ZmqWriter` (monotonic)."""
+
+    sent: int = 0
+    dropped: int = 0  # collector away or its queue full: send would have blocked
+
+
+class ZmqWriter:
+    """Publishes one DP rank's snapshots to a collector. Single writer; never blocks.
+
+    Not thread-safe: one writer per rank, used from one thread.
+
+    Parameters
+    ----------
+    endpoint:
+        The collector's address, e.g. ``tcp://node0:5557``.
+    dp_size, dp_rank:
+        Number of ranks and this writer's rank.
+    curve:
+        Client keys to authenticate and encrypt with CURVE; None sends in the clear.
+    conflate:
+        Keep only the newest unsent snapshot (default). Off: queue up to ``sndhwm``.
+    sndhwm:
+        Send high-water mark when ``conflate`` is off.
+    validate:
+        Check every schema constraint at publish; the collector validates everything anyway.
+    context:
+        A ZMQ context to share; by default the writer owns one (and terminates it on close).
+
+    Raises
+    ------
+    UsageError
+        Bad arguments (rank out of range, malformed endpoint).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        dp_size: int,
+        dp_rank: int,
+        *,
+        curve: CurveClientKeys | None = None,
+        conflate: bool = True,
+        sndhwm: int = DEFAULT_SNDHWM,
+        validate: bool = False,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise UsageError(f"dp_rank out of range: dp_rank={dp_rank} dp_size={dp_size}")
+        if sndhwm < 1:
+            raise UsageError(f"sndhwm must be >= 1: sndhwm={sndhwm}")
+        self.endpoint = endpoint
+        self.dp_size = dp_size
+        self.dp_rank = dp_rank
+        self.epoch = make_epoch()
+        self.stats = ZmqWriterStats()
+        self.curve = curve is not None
+        self._validate = validate
+        self._seq = 0
+        self._closed = False
+        self._own_context = context is None
+        self._context = zmq.Context() if context is None else context
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._socket = self._open_socket(curve, conflate, sndhwm)
+
+    def _open_socket(
+        self, curve: CurveClientKeys | None, conflate: bool, sndhwm: int
+    ) -> zmq.Socket[bytes]:
+        sock = self._context.socket(zmq.PUSH)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)  # close never waits for unsent snapshots
+            sock.setsockopt(zmq.SNDHWM, sndhwm)
+            if conflate:  # one-message queue, newest wins; single-frame messages only
+                sock.setsockopt(zmq.CONFLATE, 1)
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on live connections: drop otherwise
+            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+            if curve is not None:
+                sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_public)
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.public)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, curve.secret)
+            sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            if self._own_context:
+                self._context.term()
+            raise UsageError(f"cannot connect: {exc} (endpoint={self.endpoint})") from exc
+        return sock
+
+    def publish(self, snapshot: LoadSnapshot) -> int:
+        """Stamp ``seq``, ``epoch`` and publish times into ``snapshot`` and send it.
+
+        Returns the sequence number, also when the snapshot was dropped because the collector
+        is away (see ``stats.dropped``).
+
+        Raises
+        ------
+        UsageError
+            Wrong ``dp_rank``, a ratio outside 0..1 or NaN, or the writer is closed.
+        TransportError
+            A socket error other than "would block" (the socket was closed under us).
+        """
+        if self._closed:
+            raise UsageError(f"writer is closed (endpoint={self.endpoint} dp_rank={self.dp_rank})")
+        if snapshot.dp_rank != self.dp_rank:
+            raise UsageError(f"dp_rank mismatch: writer={self.dp_rank} snapshot={snapshot.dp_rank}")
+        usage, rate, util = snapshot.token_usage, snapshot.gen_throughput, snapshot.utilization
+        if not (0.0 <= usage <= 1.0 and 0.0 <= util <= 1.0 and 0.0 <= rate <= _MAX_RATE):
+            raise UsageError(
+                f"ratio out of range: token_usage={usage} utilization={util} gen_throughput={rate}"
+            )
+        if self._validate:
+            validate_snapshot(snapshot, self.dp_size)
+        self._seq = seq = self._seq + 1
+        snapshot.seq = seq
+        snapshot.epoch = self.epoch
+        snapshot.publish_mono_ns = time.monotonic_ns()
+        snapshot.publish_wall_ns = time.time_ns()
+        try:
+            self._socket.send(self._encode(snapshot), zmq.NOBLOCK, copy=True)
+        except zmq.Again:
+            self.stats.dropped += 1
+            return seq
+        except zmq.ZMQError as exc:
+            raise TransportError(f"send failed: {exc} (endpoint={self.endpoint})") from exc
+        self.stats.sent += 1
+        return seq
+
+    def close(self) -> None:
+        """Close the socket (and the owned context) without waiting. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._socket.close(linger=0)
+        if self._own_context:
+            self._context.term()
+
+    def __enter__(self) -> ZmqWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"ZmqWriter(endpoint={self.endpoint!r}, dp_rank={self.dp_rank}, epoch={self.epoch}, "
+            f"curve={self.curve})"
+        )

@@ -1,0 +1,402 @@
+"""``Collector``: writer processes over tcp://127.0.0.1 into the local segment; bad input counted.
+
+Writers run as separate processes (``WRITER_SCRIPT``), killed in ``finally``; the collector runs
+in the test process. Every wait is bounded and polls a condition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import msgspec
+import pytest
+import zmq
+
+from loadsnap import LoadSnapshot, ShmReader, ShmWriter, SlotRead, SlotStatus
+from loadsnap.collector import Collector, collector_lock_path
+from loadsnap.errors import TransportError
+from loadsnap.shm_reader import SegmentUnavailableError
+
+LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"
+WAIT_S = 10.0
+
+# argv: endpoint dp_size rank mode arg [server_key client_secret]
+#   mode "burst": warm up until connected, publish num_running_reqs=1..arg back to back, idle.
+#   mode "stream": publish num_running_reqs=1,2,... every arg milliseconds.
+# Stops on SIGTERM (or after 30 s) and prints its counters as one JSON line.
+WRITER_SCRIPT = r"""
+import json, signal, sys, time
+from loadsnap.curve import load_client_keys
+from loadsnap.schema import LoadSnapshot
+from loadsnap.zmq_writer import ZmqWriter
+
+endpoint, dp_size, rank, mode, arg = sys.argv[1:6]
+dp_size, rank, arg = int(dp_size), int(rank), int(arg)
+curve = load_client_keys(sys.argv[6], sys.argv[7]) if len(sys.argv) > 7 else None
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+deadline = time.monotonic() + 30.0
+writer = ZmqWriter(endpoint, dp_size, rank, curve=curve)
+slowest_ns = 0
+def publish(k):
+    global slowest_ns
+    t0 = time.perf_counter_ns()
+    writer.publish(LoadSnapshot(dp_rank=rank, num_running_reqs=k))
+    slowest_ns = max(slowest_ns, time.perf_counter_ns() - t0)
+if mode == "burst":
+    while writer.stats.sent == 0 and not stopping and time.monotonic() < deadline:
+        publish(0)
+        time.sleep(0.005)
+    for k in range(1, arg + 1):
+        publish(k)
+    print(json.dumps({"burst_done": True}), flush=True)
+    while not stopping and time.monotonic() < deadline:
+        time.sleep(0.01)
+else:
+    k = 0
+    while not stopping and time.monotonic() < deadline:
+        k += 1
+        publish(k)
+        time.sleep(arg / 1000.0)
+stats = {"sent": writer.stats.sent, "dropped": writer.stats.dropped, "slowest_ns": slowest_ns,
+         "epoch": writer.epoch}
+writer.close()
+print(json.dumps(stats), flush=True)
+"""
+
+
+def spawn_writer(
+    endpoint: str,
+    dp_size: int,
+    rank: int,
+    mode: str,
+    arg: int,
+    keys: Sequence[str] = (),
+    prefix: Sequence[str] = (),
+) -> subprocess.Popen[str]:
+    """Start one writer process (``prefix`` runs it elsewhere, e.g. ``ip netns exec NS``)."""
+    argv = [*prefix, sys.executable, "-c", WRITER_SCRIPT, endpoint, str(dp_size), str(rank)]
+    return subprocess.Popen(
+        [*argv, mode, str(arg), *keys],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def stop_writers(procs: Sequence[subprocess.Popen[str]]) -> list[dict[str, Any]]:
+    """SIGTERM every writer, collect its final counters; kill any that does not exit."""
+    results: list[dict[str, Any]] = []
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        results.append(json.loads(lines[-1]) if lines else {"stderr": err})
+    return results
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> bool:
+    """Poll ``predicate`` every 10 ms until it holds or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def read_segment(reader: ShmReader) -> list[SlotRead]:
+    """Every rank's read, or [] while the segment does not exist."""
+    try:
+        return reader.read_all()
+    except SegmentUnavailableError:
+        return []
+
+
+def running_reqs(reader: ShmReader, ranks: Sequence[int]) -> dict[int, int]:
+    """``num_running_reqs`` of each readable rank in ``ranks``."""
+    out: dict[int, int] = {}
+    for read in read_segment(reader):
+        if read.rank in ranks and read.snapshot is not None:
+            out[read.rank] = read.snapshot.num_running_reqs
+    return out
+
+
+@pytest.fixture
+def collector_lock_cleanup(instance: str) -> Iterator[None]:
+    """Remove the collector lock file the test's collectors leave next to the segment."""
+    yield
+    path = collector_lock_path(instance)
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+def raw_push(context: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Socket[bytes]:
+    """A plain PUSH socket for hand-made frames."""
+    sock = context.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDTIMEO, 2000)
+    sock.connect(endpoint)
+    return sock
+
+
+def frame(**fields: Any) -> bytes:
+    """A msgpack map, not checked against the schema (so it can break it)."""
+    return msgspec.msgpack.encode(fields)
+
+
+@pytest.mark.usefixtures("collector_lock_cleanup")
+def test_latest_per_rank_after_bursts(instance: str) -> None:
+    burst = 2000
+    remote = (1, 2, 3)
+    local = ShmWriter(instance, 4, 0)  # a same-node rank shares the segment with relayed ones
+    collector = Collector(instance, 4, LOOPBACK_ANY_PORT)
+    procs = [spawn_writer(collector.endpoint, 4, rank, "burst", burst) for rank in remote]
+    try:
+        local.publish(LoadSnapshot(dp_rank=0, num_running_reqs=7))
+        reader = ShmReader(instance)
+        expected = {rank: burst for rank in remote}
+        assert wait_until(lambda: running_reqs(reader, remote) == expected), (
+            running_reqs(reader, remote),
+            collector.stats_dict(),
+        )
+        reads = reader.read_all()
+        assert [r.status for r in reads] == [SlotStatus.FRESH] * 4
+        assert reads[0].snapshot is not None and reads[0].snapshot.num_running_reqs == 7
+        latest = collector.latest()
+        assert sorted(latest) == list(remote)
+        assert all(latest[rank].num_running_reqs == burst for rank in remote)
+        stats = collector.stats
+        assert stats.out_of_order == 0 and stats.stale_epoch == 0 and stats.undecodable == 0
+        assert stats.relayed <= stats.received
+        assert stats.handshakes >= len(remote)
+        reader.close()
+    finally:
+        stop_writers(procs)
+        collector.close()
+        local.close()
+
+
+@pytest.mark.usefixtures("collector_lock_cleanup")
+def test_collector_restart_while_writers_run(instance: str) -> None:
+    remote = (0, 1, 2)
+    first = Collector(instance, 3, LOOPBACK_ANY_PORT)
+    endpoint = first.endpoint  # rebind the same port after the restart
+    procs = [spawn_writer(endpoint, 3, rank, "stream", 5) for rank in remote]
+    second: Collector | None = None
+    try:
+        reader = ShmReader(instance, stale_after_s=0.5)
+
+        def all_fresh() -> bool:
+            reads = read_segment(reader)
+            return len(reads) == 3 and all(r.status is SlotStatus.FRESH for r in reads)
+
+        assert wait_until(all_fresh), first.stats_dict()
+        before = running_reqs(reader, remote)
+        first.close()  # the collector was the segment's only writer: the segment goes away
+        assert wait_until(lambda: not read_segment(reader), 2.0)
+        second = Collector(instance, 3, endpoint)
+        assert wait_until(all_fresh), second.stats_dict()
+        after = running_reqs(reader, remote)
+        assert all(after[rank] > before[rank] for rank in remote), (before, after)
+        assert second.stats.relayed > 0 and second.stats.handshakes >= len(remote)
+        reader.close()
+    finally:
+        results = stop_writers(procs)
+        first.close()
+        if second is not None:
+            second.close()
+    assert all(r.get("slowest_ns", 10**12) < 100_000_000 for r in results), results
+
+
+@pytest.mark.usefixtures("collector_lock_cleanup")
+def test_bad_frames_dropped_and_counted_while_good_peer_flows(instance: str) -> None:
+    capacity = 1024
+    collector = Collector(
+        instance, 2, LOOPBACK_ANY_PORT, payload_capacity=capacity, max_message_bytes=4096
+    )
+    good = spawn_writer(collector.endpoint, 2, 0, "stream", 5)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        reader = ShmReader(instance)
+        assert wait_until(lambda: 0 in running_reqs(reader, (0,))), collector.stats_dict()
+        bad = raw_push(context, collector.endpoint)
+        bad.send(b"\xc1 not msgpack")
+        bad.send(b"\xff" * 10)  # msgpack (a small int), but not a snapshot: invalid
+        bad.send_multipart([frame(dp_rank=1), b"tail"])
+        bad.send(frame(dp_rank=1, token_usage=2.0))
+        bad.send(frame(dp_rank=1, num_running_reqs=-3))
+        bad.send(frame(dp_rank=7, seq=1, epoch=1))
+        bad.send(b"\x80" * (capacity + 100))  # above the payload capacity, below MAXMSGSIZE
+        huge = raw_push(context, collector.endpoint)
+        huge.send(b"\x00" * 100_000)  # above MAXMSGSIZE: libzmq cuts this peer off
+
+        def all_counted() -> bool:
+            s = collector.stats
+            return (
+                s.undecodable >= 2
+                and s.invalid >= 3
+                and s.rank_out_of_range >= 1
+                and s.oversized >= 1
+                and s.disconnects >= 1
+            )
+
+        assert wait_until(all_counted), collector.stats_dict()
+        mark = running_reqs(reader, (0,))[0]
+        assert wait_until(lambda: running_reqs(reader, (0,))[0] > mark + 5), "good peer stalled"
+        assert collector.running
+        assert 1 not in collector.latest()  # nothing bad reached rank 1
+        assert read_segment(reader)[1].status is SlotStatus.NEVER_PUBLISHED
+        assert collector.stats_dict()["dropped"] == collector.stats.dropped >= 7
+        reasons = collector.dropped_by_reason()
+        assert reasons[("undecodable",)] >= 2 and reasons[("oversized",)] >= 1
+        reader.close()
+    finally:
+        stop_writers([good])
+        context.destroy(linger=0)
+        collector.close()
+
+
+@pytest.mark.usefixtures("collector_lock_cleanup")
+def test_seq_and_epoch_rules(instance: str) -> None:
+    collector = Collector(instance, 2, LOOPBACK_ANY_PORT, epoch_takeover_s=0.3)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        push = raw_push(context, collector.endpoint)
+        reader = ShmReader(instance)
+
+        def sent(**fields: Any) -> None:
+            push.send(msgspec.msgpack.encode(LoadSnapshot(dp_rank=1, **fields)))
+
+        sent(epoch=100, seq=5, num_running_reqs=1)
+        sent(epoch=100, seq=3, num_running_reqs=2)  # older within the epoch
+        sent(epoch=100, seq=5, num_running_reqs=3)  # duplicate
+        sent(epoch=50, seq=9, num_running_reqs=4)  # older epoch while 100 is live
+        sent(epoch=100, seq=6, num_running_reqs=5)
+        assert wait_until(lambda: collector.stats.received == 5), collector.stats_dict()
+        assert collector.stats.out_of_order == 2 and collector.stats.stale_epoch == 1
+        assert running_reqs(reader, (1,)) == {1: 5}
+        sent(epoch=200, seq=1, num_running_reqs=6)  # a restarted writer: new epoch, seq from 1
+        assert wait_until(lambda: running_reqs(reader, (1,)) == {1: 6})
+        time.sleep(0.35)  # let epoch 200 go quiet past epoch_takeover_s
+        sent(epoch=150, seq=1, num_running_reqs=7)  # rank moved to a host whose clock is behind
+        assert wait_until(lambda: running_reqs(reader, (1,)) == {1: 7})
+        assert collector.stats.epoch_takeovers == 1
+        read = reader.read(1)
+        assert read.snapshot is not None and read.snapshot.epoch == 150
+        reader.close()
+    finally:
+        context.destroy(linger=0)
+        collector.close()
+
+
+@pytest.mark.usefixtures("collector_lock_cleanup")
+def test_receive_time_replaces_remote_clock(instance: str) -> None:
+    collector = Collector(instance, 1, LOOPBACK_ANY_PORT)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        push = raw_push(context, collector.endpoint)
+        # A remote monotonic clock far behind ours would look hours old if copied through.
+        push.send(
+            msgspec.msgpack.encode(LoadSnapshot(dp_rank=0, epoch=1, seq=1, publish_mono_ns=1))
+        )
+        reader = ShmReader(instance, stale_after_s=2.0)
+        assert wait_until(
+            lambda: bool(read_segment(reader)) and reader.read(0).snapshot is not None
+        )
+        read = reader.read(0)
+        assert read.status is SlotStatus.FRESH
+        assert read.age_s is not None and read.age_s < 2.0
+        reader.close()
+    finally:
+        context.destroy(linger=0)
+        collector.close()
+
+
+@pytest.mark.usefixtures("collector_lock_cleanup")
+def test_one_collector_per_instance(instance: str) -> None:
+    first = Collector(instance, 2, LOOPBACK_ANY_PORT)
+    try:
+        with pytest.raises(TransportError, match="another collector"):
+            Collector(instance, 2, LOOPBACK_ANY_PORT)
+    finally:
+        first.close()
+    with Collector(instance, 2, LOOPBACK_ANY_PORT) as again:
+        assert again.running
+    assert not again.running
+
+
+@pytest.mark.usefixtures("collector_lock_cleanup")
+def test_bind_failure_releases_lock(instance: str) -> None:
+    with pytest.raises(TransportError, match="cannot bind"):
+        Collector(instance, 1, "tcp://127.0.0.1:notaport")
+    with Collector(instance, 1, LOOPBACK_ANY_PORT) as collector:
+        assert collector.endpoint.startswith("tcp://127.0.0.1:")
+
+
+def test_collector_cli_runs_for_duration(instance: str) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loadsnap",
+            "collector",
+            "--instance",
+            instance,
+            "--dp-size",
+            "2",
+            "--bind",
+            LOOPBACK_ANY_PORT,
+            "--duration",
+            "0.5",
+            "--stats-interval",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        path = collector_lock_path(instance)
+        if os.path.exists(path):
+            os.unlink(path)
+    assert proc.returncode == 0, err
+    assert "auth=open (no keys)" in out
+    assert "WARNING" not in err  # loopback: no warning
+    assert json.loads(out.splitlines()[-1])["received"] == 0
+
+
+@pytest.mark.usefixtures("collector_lock_cleanup")
+def test_segment_mismatch_is_counted_not_fatal(instance: str) -> None:
+    local = ShmWriter(instance, 3, 0)  # a live segment of dp_size 3; the collector says 2
+    collector = Collector(instance, 2, LOOPBACK_ANY_PORT)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        push = raw_push(context, collector.endpoint)
+        for seq in range(1, 51):
+            push.send(msgspec.msgpack.encode(LoadSnapshot(dp_rank=1, epoch=1, seq=seq)))
+        assert wait_until(lambda: collector.stats.received == 50), collector.stats_dict()
+        assert collector.stats.relay_errors == 50 and collector.stats.relayed == 0
+        assert collector.running
+    finally:
+        context.destroy(linger=0)
+        collector.close()
+        local.close()

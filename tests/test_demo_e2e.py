@@ -1,0 +1,191 @@
+"""End to end: ``loadsnap demo`` as a subprocess, queried over real HTTP in both formats."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import IO
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from loadsnap import segment_path, unlink_segment
+from loadsnap.cli import build_parser
+
+DP = 4
+STARTUP_TIMEOUT_S = 60.0
+URL_RE = re.compile(r"(http://127\.0\.0\.1:\d+)/v1/loads$")
+
+
+def _demo_is_real() -> bool:
+    try:  # the placeholder demo had neither flag
+        build_parser().parse_args(["demo", "--duration", "1", "--port", "0"])
+    except SystemExit:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(
+    not _demo_is_real(), reason="loadsnap demo is still the placeholder"
+)
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str]) -> None:
+    for line in stream:
+        lines.put(line.rstrip("\n"))
+
+
+class Demo:
+    def __init__(self, proc: subprocess.Popen[str], instance: str) -> None:
+        self.proc = proc
+        self.instance = instance
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        assert proc.stdout is not None
+        self.pump = threading.Thread(target=_pump, args=(proc.stdout, self.lines), daemon=True)
+        self.pump.start()
+
+    def wait_for_url(self) -> str:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                assert self.proc.poll() is None, f"demo exited: {self.output}"
+                continue
+            self.output.append(line)
+            match = URL_RE.search(line)
+            if match:
+                return match.group(1)
+        raise AssertionError(f"demo printed no URL: {self.output}")
+
+
+@pytest.fixture
+def demo() -> Iterator[Demo]:
+    instance = f"e2e-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "loadsnap",
+        "demo",
+        "--instance",
+        instance,
+        "--dp-size",
+        str(DP),
+        "--port",
+        "0",
+        "--duration",
+        "60",
+        "--no-table",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    demo = Demo(proc, instance)
+    try:
+        yield demo
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        demo.pump.join(10)  # EOF once the demo exits
+        if proc.stdout is not None:
+            proc.stdout.close()
+        unlink_segment(instance)
+
+
+def _promtool(text: str) -> None:
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool not installed (Debian package `prometheus` ships it)")
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _processes_mentioning(instance: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if instance.encode() in f.read():
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def test_demo_end_to_end(demo: Demo) -> None:
+    base = demo.wait_for_url()
+    client = httpx.Client(base_url=base, timeout=10.0)
+
+    # Every rank present and fresh, with plausible non-zero load while the workload runs.
+    busy: set[int] = set()
+    deadline = time.monotonic() + 20.0
+    doc: dict[str, object] = {}
+    while time.monotonic() < deadline and busy != set(range(DP)):
+        response = client.get("/v1/loads")
+        if response.status_code == 200:
+            doc = response.json()
+            loads = doc["loads"]
+            assert isinstance(loads, list)
+            assert [load["dp_rank"] for load in loads] == list(range(DP))
+            for load in loads:
+                assert load["status"] == "fresh", load
+                assert 0.0 <= load["age_seconds"] < 2.0
+                assert load["max_total_num_tokens"] > 0
+                assert 0.0 <= load["token_usage"] <= 1.0
+                if load["num_running_reqs"] + load["num_waiting_reqs"] > 0:
+                    busy.add(load["dp_rank"])
+        time.sleep(0.1)
+    assert busy == set(range(DP)), f"ranks never seen busy: {set(range(DP)) - busy}"
+    assert doc["dp_rank_count"] == DP
+
+    # Prometheus text: parses, unique series, promtool.
+    response = client.get("/v1/loads", params={"format": "prometheus"})
+    assert response.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    series = [
+        (s.name, tuple(sorted(s.labels.items()))) for f in families.values() for s in f.samples
+    ]
+    assert len(series) == len(set(series))
+    ranks = {s.labels["dp_rank"] for s in families["loadsnap_num_requests_running"].samples}
+    assert ranks == {str(r) for r in range(DP)}
+    publishes = [s.value for s in families["loadsnap_publishes"].samples]
+    assert len(publishes) == DP and all(v > 1 for v in publishes)
+    _promtool(response.text)
+
+    # /metrics carries the controller's counters through the provider hook.
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    health = {f.name: f for f in text_string_to_metric_families(metrics.text)}
+    dispatched = {
+        s.labels["dp_rank"]: s.value for s in health["loadsnap_controller_dispatches"].samples
+    }
+    assert set(dispatched) == {str(r) for r in range(DP)}
+    assert sum(dispatched.values()) > 0
+    _promtool(metrics.text)
+    client.close()
+
+    # Ctrl-C: a clean stop leaving no segment and no process behind.
+    demo.proc.send_signal(signal.SIGINT)
+    assert demo.proc.wait(30) == 0
+    assert not os.path.exists(segment_path(demo.instance))
+    deadline = time.monotonic() + 10.0
+    while _processes_mentioning(demo.instance) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_mentioning(demo.instance) == []
