@@ -437,6 +437,10 @@ class Collector:
             with contextlib.suppress(LoadsnapError):
                 state.writer.close()
         self._ranks.clear()
+        # Remove the lock file while still holding it, so no /dev/shm entry outlives us; a
+        # collector starting concurrently at worst fails to bind the same endpoint.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.lock_path)
         self._lock.release()
 
     def __enter__(self) -> Collector:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from dp_controller.controller import Controller
+    from loadsnap.collector import Collector
     from loadsnap.server import ServerThread
 
 NON_INTERACTIVE_DURATION_S: Final[float] = 20.0
@@ -62,6 +63,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--rate-rps", type=float, default=None, help="request rate override")
     parser.add_argument("--policy", default="work_over_throughput", help="dispatch policy")
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
+    parser.add_argument(
+        "--transport",
+        choices=("shm", "zmq"),
+        default="shm",
+        help="how schedulers publish: shm (same node) or zmq (through an in-process collector "
+        "on 127.0.0.1, as remote nodes would)",
+    )
     parser.add_argument(
         "--no-table", action="store_true", help="print a status line instead of the live table"
     )
@@ -158,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
     from dp_controller.cli import make_dispatcher
     from dp_controller.controller import Controller
     from dp_controller.fleet import SchedulerFleet
+    from loadsnap.collector import Collector
     from loadsnap.errors import LoadsnapError
     from loadsnap.server import create_app
     from loadsnap.shm_reader import ShmReader
@@ -171,10 +180,16 @@ def run(args: argparse.Namespace) -> int:
     controller: Controller | None = None
     server: ServerThread | None = None
     workload: _Workload | None = None
+    collector: Collector | None = None
     status = 0
     try:
+        extra_args: list[str] = []
+        if args.transport == "zmq":
+            collector = Collector(args.instance, args.dp_size, "tcp://127.0.0.1:*")
+            extra_args = ["--transport", "zmq", "--collector", collector.endpoint]
+            print(f"loadsnap demo: collector on {collector.endpoint} (open channel, loopback)")
         print(f"loadsnap demo: starting {args.dp_size} schedulers (instance {args.instance})")
-        fleet = SchedulerFleet(args.instance, args.dp_size)
+        fleet = SchedulerFleet(args.instance, args.dp_size, extra_args)
         fleet.wait_ready()
         with ShmReader(args.instance) as reader:
             dispatcher = make_dispatcher(args.policy, reader, args.dp_size)
@@ -207,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
             server.stop()
         if fleet is not None:
             fleet.close()
+        if collector is not None:
+            collector.close()
         signal.signal(signal.SIGTERM, previous)
         done = f"{workload.submitted} requests dispatched, " if workload else ""
         print(f"loadsnap demo: stopped; {done}segment removed", flush=True)
