@@ -35,6 +35,9 @@ from loadsnap.schema import LoadSnapshot, validate_snapshot
 __all__ = ["ShmWriter"]
 
 _MAX_RATE: Final[float] = 1e15
+# (segment identity, rank) claimed by a live writer of this process: the pid check in
+# _claim_slot cannot tell two writers of one process apart.
+_CLAIMED_IN_PROCESS: set[tuple[tuple[int, int], int]] = set()
 
 
 class ShmWriter:
@@ -91,7 +94,12 @@ class ShmWriter:
             self._buf = self._segment.buf
             self._words = self._buf.cast("Q")
             self._ctrl = geometry.slot_offset(dp_rank) // 8
-            self._claim_slot()
+            try:
+                self._claim_slot()
+            except BaseException:
+                self._words.release()
+                self._segment.close()
+                raise
         self._seq_index = geometry.seq_word_index(dp_rank)
         self._copy0 = geometry.copy_offset(dp_rank, 0)
         self._copy1 = geometry.copy_offset(dp_rank, 1)
@@ -109,6 +117,12 @@ class ShmWriter:
         words, ctrl = self._words, self._ctrl
         pid = int(words[ctrl + CTRL_WRITER_PID_OFFSET // 8])
         start = int(words[ctrl + CTRL_WRITER_START_OFFSET // 8])
+        claim = (self._segment.identity, self.dp_rank)
+        if claim in _CLAIMED_IN_PROCESS:
+            raise SegmentError(
+                f"dp_rank={self.dp_rank} already has a live writer in this process "
+                f"(segment={self._segment.name})"
+            )
         if pid and pid != self._pid and process_alive(pid, start):
             raise SegmentError(
                 f"dp_rank={self.dp_rank} already has a live writer pid={pid} "
@@ -118,6 +132,8 @@ class ShmWriter:
         words[ctrl + CTRL_EPOCH_OFFSET // 8] = self.epoch
         words[ctrl + CTRL_WRITER_START_OFFSET // 8] = process_start_ticks(self._pid)
         words[ctrl + CTRL_WRITER_PID_OFFSET // 8] = self._pid
+        _CLAIMED_IN_PROCESS.add(claim)
+        self._claim = claim
 
     @property
     def segment_name(self) -> str:
@@ -201,6 +217,7 @@ class ShmWriter:
             return
         self._closed = True
         self._publish = self._publish_closed  # type: ignore[method-assign]
+        _CLAIMED_IN_PROCESS.discard(self._claim)
         with instance_lock(self.instance, self._shm_dir):
             words, ctrl = self._words, self._ctrl
             if int(words[ctrl + CTRL_WRITER_PID_OFFSET // 8]) == self._pid:

@@ -348,3 +348,14 @@ def test_argument_errors(instance: str) -> None:
         pytest.raises(UsageError, match="dp_rank out of range: dp_rank=2 dp_size=2"),
     ):
         reader.read(2)
+
+
+def test_second_writer_for_a_rank_in_the_same_process_is_refused(instance: str) -> None:
+    from loadsnap import SegmentError
+
+    with ShmWriter(instance, 2, 1) as first:
+        with pytest.raises(SegmentError, match="already has a live writer in this process"):
+            ShmWriter(instance, 2, 1)
+        first.publish(LoadSnapshot(dp_rank=1))
+    with ShmWriter(instance, 2, 1) as again:  # a closed writer's rank can be claimed again
+        assert again.publish(LoadSnapshot(dp_rank=1)) >= 1
