@@ -344,10 +344,12 @@ def summarize(result: dict[str, Any]) -> ReportSection:
         "and the JSON render, so its latency is the HTTP stack's and does not depend on the "
         "step time. That HTTP round trip is the floor here; on 2 cores shared with the "
         "clients and the schedulers, its tail is set by OS scheduling. The baseline's latency "
-        "is the remaining time of the slowest rank's current step (uniform between 0 and one "
-        "step, so the median is about half a step and p99 about a whole step), and its "
-        "throughput is bounded by concurrent clients divided by that wait. With few baseline "
-        "samples per run its p99 is close to its max."
+        "is the remaining time of the slowest rank's current step. Clients that ask back to "
+        "back re-ask just after the step boundary that answered them, so they wait almost a "
+        "whole step (an independent caller would wait half a step on average): its median, "
+        "p99 and max all sit near one step, and its throughput is about the number of "
+        "concurrent clients per step. With few baseline samples per run its p99 is close to "
+        "its max."
     )
     return section
 

@@ -31,7 +31,9 @@ from dp_controller.controller import Controller
 from dp_controller.fleet import SchedulerFleet
 from dp_controller.loss import RequestAccount, dead_ranks
 from loadsnap import ShmReader, SlotStatus
+from loadsnap.errors import UsageError
 from loadsnap.server import ServerThread, create_app
+from scheduler.messages import Finished
 
 STALE_S = 0.5  # staleness budget of every reader in this file
 # Heartbeats well inside the budget; slow enough steps that requests are in flight at a kill.
@@ -136,13 +138,15 @@ def test_sigkill_scheduler_dead_no_loss_and_rejoin(
                 ranks.append(decision.rank)
             return ranks
 
-        def pump(timeout_s: float = 0.0) -> None:
+        def pump(timeout_s: float = 0.0) -> int:
+            """Take finished requests into the account; return what is still pending."""
             for message in controller.poll(timeout_s):
                 account.finished(message)
+            return account.pending()
 
         old_epoch = reader.read_all()[victim].epoch
         submit(30)  # every rank busy
-        assert wait_until(lambda: (pump(0.01), account.pending(victim) > 0)[1])
+        assert wait_until(lambda: pump(0.01) >= 0 and account.pending(victim) > 0)
         in_flight_at_kill = account.pending(victim)
         fleet.procs[victim].kill()
         t_kill = time.monotonic()
@@ -166,7 +170,7 @@ def test_sigkill_scheduler_dead_no_loss_and_rejoin(
         sent_after_dead += after.count(victim)
         assert sent_after_dead == 0
         account.fail_ranks(dead_ranks(budget))  # anything dispatched before the refresh
-        assert wait_until(lambda: (pump(0.02), account.pending() == 0)[1]), account.summary()
+        assert wait_until(lambda: pump(0.02) == 0), account.summary()
         before_restart = account.summary()
         assert before_restart.lost == 0 and before_restart.failed >= 1
         # /healthz and the other ranks keep answering.
@@ -189,7 +193,7 @@ def test_sigkill_scheduler_dead_no_loss_and_rejoin(
         assert budget.stats.epoch_resets >= 1
         back = submit(30)
         assert back.count(victim) >= 1  # it gets work again
-        assert wait_until(lambda: (pump(0.02), account.pending() == 0)[1]), account.summary()
+        assert wait_until(lambda: pump(0.02) == 0), account.summary()
         final = account.summary()
         assert final.lost == 0 and final.pending == 0
         assert final.submitted == final.finished + final.failed
@@ -398,3 +402,33 @@ def test_kill_controller_schedulers_keep_publishing_new_controller_picks_up(
         if old.stdout is not None:
             old.stdout.close()
         reader.close()
+
+
+def _fin(rid: int, rank: int) -> Finished:
+    return Finished(
+        rid=rid,
+        dp_rank=rank,
+        dispatch_seq=1,
+        prompt_len=1,
+        output_len=1,
+        cached_tokens=0,
+        queue_time_s=0.0,
+        ttft_s=0.0,
+        e2e_s=0.0,
+    )
+
+
+def test_request_account_reports_failed_and_late_without_double_counting() -> None:
+    account = RequestAccount(2)
+    for rid, rank in ((0, 0), (1, 1), (2, 1)):
+        account.submitted(rid, rank)
+    account.finished(_fin(0, 0))
+    assert account.fail_ranks([1]) == [1, 2]
+    account.finished(_fin(2, 1))  # served by a restarted rank after being reported failed
+    account.finished(_fin(99, 0))  # a previous controller's request
+    summary = account.summary()
+    assert (summary.submitted, summary.finished, summary.failed, summary.pending) == (3, 1, 2, 0)
+    assert (summary.late_finished, summary.unknown_finished, summary.lost) == (1, 1, 0)
+    assert account.failed[1] == "rank dead: dp_rank=1"
+    with pytest.raises(UsageError):
+        account.submitted(3, 2)
