@@ -354,9 +354,10 @@ def create_or_attach(
 ) -> tuple[MappedSegment, bool]:
     """Create the segment or attach to a live, matching one. Call with the instance lock held.
 
-    A ready segment with no live writer is stale (its deployment died) and is reclaimed:
-    unlinked and created anew. A segment with a live writer is never touched if it does not
-    match. Returns ``(segment, created)``.
+    A ready segment with no live writer is stale (its deployment died) and is reclaimed: reused
+    in place when its geometry matches (slots keep their epochs, so restarted ranks bump
+    theirs), else unlinked and created anew. A segment with a live writer is never touched if
+    it does not match. Returns ``(segment, created)``.
     """
     name = segment_path(instance, shm_dir)
     for _ in range(3):
@@ -390,17 +391,18 @@ def create_or_attach(
             geometry.dp_size,
             geometry.payload_capacity,
         )
-        if matches and live:
+        if matches:
+            # Live, or stale with the same geometry: reuse it in place, so a restarted rank
+            # keeps its slot and bumps its epoch, and attached readers need not re-attach.
             return segment, False
+        segment.close()
         if live:
-            segment.close()
             raise SegmentError(
                 f"live segment does not match: expected dp_size={geometry.dp_size} "
                 f"payload_capacity={geometry.payload_capacity} found dp_size={header.dp_size} "
                 f"payload_capacity={header.payload_capacity} live writers={live} (segment={name})"
             )
-        segment.close()
-        _unlink_quietly(instance, shm_dir)  # stale: every writer is gone
+        _unlink_quietly(instance, shm_dir)  # stale and of another geometry: every writer is gone
     raise SegmentError(f"could not create or attach after 3 attempts (segment={name})")
 
 
