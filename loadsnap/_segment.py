@@ -214,6 +214,8 @@ def _check_file(fd: int, name: str) -> os.stat_result:
 def _validate_header(header: SegmentHeader, size: int, name: str) -> None:
     if size < HEADER_SIZE:
         raise LayoutError(f"short file: size={size} expected>={HEADER_SIZE} (segment={name})")
+    if header.magic == 0 and header.ready == 0:
+        return  # created but the header not yet written: not ready, callers decide
     if header.magic != MAGIC:
         raise LayoutError(
             f"bad magic: expected={MAGIC:#x} found={header.magic:#x} (segment={name})"

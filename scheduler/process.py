@@ -142,6 +142,7 @@ class SchedulerProcess:
             heartbeat_interval_s=options.heartbeat_interval_s,
         )
         self._published_version = -1
+        self._ran_last_cycle = False
 
     def _make_writer(self) -> SnapshotWriter:
         opts = self.options
@@ -186,10 +187,12 @@ class SchedulerProcess:
     def run_cycle(self) -> None:
         """One loop iteration: drain, step (if any), publish."""
         engine = self.engine
-        busy = engine.has_work and not engine.paused
-        self._drain(0 if busy else self.options.idle_poll_s)
+        # Wait for messages only when the last cycle found nothing to run (idle, paused, or
+        # nothing admissible): a busy loop never sleeps here, an idle one never spins.
+        self._drain(0 if self._ran_last_cycle else self.options.idle_poll_s)
         self._flush_outbox()
         plan = engine.schedule(self._clock_ns(), with_slots=self.executor.needs_slots)
+        self._ran_last_cycle = plan is not None
         if plan is None:
             self.publisher.on_idle(changed=engine.version != self._published_version)
             return

@@ -303,11 +303,11 @@ def test_killed_rank_is_reclaimed_by_the_next_start_and_sigint_exits_cleanly(
         first = start_rank(instance, tmp_path, 0, 1)
         procs.append(first)
         wait_for(lambda: read_rank0(reader) is SlotStatus.FRESH, "a publish", lambda: None)
+        epoch = reader.read(0).epoch
         first.kill()  # a crash: no final publish, no unlink, the ipc endpoint file left behind
         first.wait(timeout=DEADLINE_S)
         second = start_rank(instance, tmp_path, 0, 1)
         procs.append(second)
-        epoch = reader.read(0).epoch
 
         def restarted() -> bool:
             return read_rank0(reader) is SlotStatus.FRESH and reader.read(0).epoch > epoch

@@ -359,3 +359,16 @@ def test_second_writer_for_a_rank_in_the_same_process_is_refused(instance: str) 
         first.publish(LoadSnapshot(dp_rank=1))
     with ShmWriter(instance, 2, 1) as again:  # a closed writer's rank can be claimed again
         assert again.publish(LoadSnapshot(dp_rank=1)) >= 1
+
+
+def test_segment_being_created_reads_as_not_ready(instance: str) -> None:
+    from loadsnap import SegmentState, segment_path
+
+    # A creator between O_CREAT and writing the header leaves an all-zero file.
+    fd = os.open(segment_path(instance), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, 4096)
+    finally:
+        os.close(fd)
+    with ShmReader(instance) as reader:
+        assert reader.segment_state()[0] is SegmentState.NOT_READY
