@@ -27,7 +27,6 @@ from loadsnap.errors import LayoutError, SegmentError, UsageError
 from loadsnap.layout import (
     CTRL_WRITER_PID_OFFSET,
     CTRL_WRITER_START_OFFSET,
-    HEADER_FIELDS_END,
     HEADER_SIZE,
     HEADER_STRUCT,
     LAYOUT_MAJOR,
@@ -176,8 +175,6 @@ def _open_fd(instance: str, shm_dir: str | None, create: bool, writable: bool) -
             raise (FileExistsError if create else FileNotFoundError)(str(exc)) from None
         except posix_ipc.PermissionsError as exc:
             raise PermissionError(str(exc)) from None
-        except OSError:
-            raise
         return int(memory.fd)  # the SharedMemory object only wraps this descriptor
     path = segment_path(instance, shm_dir)
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
@@ -326,8 +323,8 @@ def _create(instance: str, geometry: SegmentGeometry, shm_dir: str | None) -> Ma
         secrets.randbits(63) | 1,
         0,  # ready stays 0 until everything above is in place
     )
-    assert HEADER_FIELDS_END == READY_OFFSET + 8
-    segment.buf.cast("Q")[READY_OFFSET // 8] = READY_VALUE  # one 8-byte store, written last
+    with segment.buf.cast("Q") as words:
+        words[READY_OFFSET // 8] = READY_VALUE  # one 8-byte store, written last
     segment.header = read_header(segment.buf)
     return segment
 
@@ -410,9 +407,10 @@ def create_or_attach(
 
 def _unlink_quietly(instance: str, shm_dir: str | None) -> None:
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(segment_path(instance, shm_dir)) if _shm_dir(
-            shm_dir
-        ) or not _has_posix_ipc() else _unlink_posix(instance)
+        if _shm_dir(shm_dir) or not _has_posix_ipc():
+            os.unlink(segment_path(instance, shm_dir))
+        else:
+            _unlink_posix(instance)
 
 
 def _unlink_posix(instance: str) -> None:

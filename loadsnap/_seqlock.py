@@ -30,6 +30,7 @@ mirrors and the straight-line functions leave identical bytes.
 from __future__ import annotations
 
 import enum
+import struct
 import zlib
 from collections.abc import Callable, Generator, Sequence
 from typing import Final, NamedTuple
@@ -60,7 +61,7 @@ __all__ = [
 DEFAULT_READ_ATTEMPTS: Final[int] = 64
 _SEQ_OFFSET: Final[int] = COPY_HOT_OFFSET + 8 * HOT_SEQ_INDEX
 _U32: Final = CRC_STRUCT.unpack_from
-_U64: Final = __import__("struct").Struct("<Q").unpack_from
+_U64: Final = struct.Struct("<Q").unpack_from
 _LEN_AND_HOT_PACK: Final = LEN_AND_HOT_STRUCT.pack_into
 _CRC_PACK: Final = CRC_STRUCT.pack_into
 

@@ -21,7 +21,6 @@ A provider that raises is skipped for that scrape and counted in
 from __future__ import annotations
 
 import re
-import struct
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from loadsnap.errors import LoadsnapError, UsageError
-from loadsnap.layout import CTRL_REFUSED_OFFSET, SegmentGeometry
 from loadsnap.reading import ReaderStats, SegmentState, SlotRead, SlotStatus, SnapshotSource
 from loadsnap.shm_reader import SegmentUnavailableError, ShmReader
 
@@ -41,7 +39,6 @@ ProviderKind = Literal["counter", "gauge"]
 ProviderValues = Mapping[tuple[str, ...], float]
 
 _NAME_RE: Final = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-_U64: Final = struct.Struct("<Q")
 _READER_COUNTERS: Final[tuple[tuple[str, str, str], ...]] = (
     ("reads", "reader_reads_total", "Slot reads."),
     ("retries", "reader_retries_total", "Seqlock retries: the writer moved during a read."),
@@ -77,13 +74,7 @@ def slot_refused_counts(reader: ShmReader) -> list[int]:
     SegmentUnavailableError
         No readable segment.
     """
-    segment = reader.segment
-    header = segment.header
-    geometry = SegmentGeometry(header.dp_size, header.payload_capacity)
-    return [
-        _U64.unpack_from(segment.buf, geometry.slot_offset(rank) + CTRL_REFUSED_OFFSET)[0]
-        for rank in range(header.dp_size)
-    ]
+    return reader.refused_counts()
 
 
 class LoadsnapCollector:

@@ -23,6 +23,7 @@ from loadsnap.layout import (
     COPY_HOT_OFFSET,
     CTRL_EPOCH_OFFSET,
     CTRL_LATCH_SEQ_OFFSET,
+    CTRL_REFUSED_OFFSET,
     CTRL_WRITER_PID_OFFSET,
     CTRL_WRITER_START_OFFSET,
     HOT_DTYPE,
@@ -224,6 +225,21 @@ class ShmReader:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def refused_counts(self) -> list[int]:
+        """Payloads refused for not fitting the slot, per rank (from the slots' control words).
+
+        Raises
+        ------
+        SegmentUnavailableError
+            No readable segment.
+        """
+        self._attach()
+        geometry, words = self._geometry, self._words
+        return [
+            int(words[(geometry.slot_offset(rank) + CTRL_REFUSED_OFFSET) // 8])
+            for rank in range(geometry.dp_size)
+        ]
 
     # --- per-rank reads ---------------------------------------------------------------------
 
