@@ -1,24 +1,25 @@
-"""Two-copy ("latch") seqlock over one slot: the protocol core. No I/O, no clocks.
+"""Double-buffered seqlock over one slot: the protocol core. No I/O, no clocks.
 
 Theory of operation
 -------------------
-Each slot holds a latch word ``s`` and two record copies. Publishing record ``k`` is four
-named steps (:class:`WriteStep`)::
+Each slot holds a sequence word ``s`` and two record copies. Record ``k`` lives in copy
+``k & 1``, so publishing it is two named steps (:class:`WriteStep`)::
 
-    SEQ_ODD   s = 2k - 1     readers now take copy 1, which still holds record k - 1
-    COPY0     copy 0 <- record k
-    SEQ_EVEN  s = 2k         readers now take copy 0, which holds record k
-    COPY1     copy 1 <- record k
+    COPY      copy (k & 1) <- record k   readers still take copy (k - 1) & 1: record k - 1
+    PUBLISH   s = k                      readers now take copy k & 1: record k
 
-A reader loads ``s``, copies out copy ``s & 1``, loads ``s`` again and accepts only if it did
-not move, the copy's record sequence equals ``s >> 1`` and its CRC matches. At every instant
-one copy is complete and advertised, so a writer that dies at any step leaves the latest
-complete record readable (a one-copy seqlock would be left odd forever).
-``s >> 1 == 0`` means never published.
+A writer only ever writes the copy that ``s`` does not advertise. A reader loads ``s``, copies
+out copy ``s & 1``, loads ``s`` again and accepts only if it did not move, the copy's record
+sequence equals ``s`` and its CRC matches. The writer touches copy ``s & 1`` again only after
+``s`` has moved past it, and ``s`` only grows, so an unchanged ``s`` means the copy was not
+written while it was read. At every instant the advertised copy is complete, so a writer that
+dies at any step leaves the latest complete record readable, and a restarted writer simply
+goes on from ``s``. One copy per publish: the same cost as a plain seqlock. ``s == 0`` means
+never published.
 
-The latch word is written with one aligned 8-byte store through ``memoryview.cast("Q")``:
+The sequence word is written with one aligned 8-byte store through ``memoryview.cast("Q")``:
 ``struct.pack_into`` zero-fills before it copies, so a reader could see a transient 0 (or a
-byte-mixed value) that looks like a stable even sequence. On x86-64 (TSO) stores become
+byte-mixed value) that looks like another published sequence. On x86-64 (TSO) stores become
 visible in program order; on arm64 they may not, which is why each copy carries a CRC over
 (sequence, length, payload): a torn copy is rejected on any CPU, at worst costing a retry.
 
@@ -31,16 +32,17 @@ from __future__ import annotations
 
 import enum
 import struct
-import zlib
 from collections.abc import Callable, Generator, Sequence
 from typing import Final, NamedTuple
+
+from zlib_ng.zlib_ng import crc32
 
 from loadsnap.layout import (
     COPY_HOT_OFFSET,
     COPY_PAYLOAD_LEN_OFFSET,
     CRC_STRUCT,
+    HEAD_STRUCT,
     HOT_SEQ_INDEX,
-    LEN_AND_HOT_STRUCT,
     RECORD_HEADER_SIZE,
 )
 
@@ -50,10 +52,11 @@ __all__ = [
     "ReadResult",
     "WriteStep",
     "build_record",
+    "crc32",
     "read_record",
     "read_steps",
+    "record_crc",
     "record_is_intact",
-    "repair_slot",
     "write_record",
     "write_steps",
 ]
@@ -62,8 +65,10 @@ DEFAULT_READ_ATTEMPTS: Final[int] = 64
 _SEQ_OFFSET: Final[int] = COPY_HOT_OFFSET + 8 * HOT_SEQ_INDEX
 _U32: Final = CRC_STRUCT.unpack_from
 _U64: Final = struct.Struct("<Q").unpack_from
-_LEN_AND_HOT_PACK: Final = LEN_AND_HOT_STRUCT.pack_into
+_HEAD_PACK: Final = HEAD_STRUCT.pack_into
 _CRC_PACK: Final = CRC_STRUCT.pack_into
+# CRC32 of the record's crc field read as zero: readers continue from it over bytes 4..end.
+_ZERO_FIELD_CRC: Final[int] = crc32(bytes(CRC_STRUCT.size))
 
 Buffer = bytes | bytearray | memoryview
 SeqStore = Callable[[memoryview, int, int], Generator[None, None, None]]
@@ -72,10 +77,8 @@ SeqStore = Callable[[memoryview, int, int], Generator[None, None, None]]
 class WriteStep(enum.Enum):
     """The named steps of one publish, in order."""
 
-    SEQ_ODD = "seq_odd"
-    COPY0 = "copy0"
-    SEQ_EVEN = "seq_even"
-    COPY1 = "copy1"
+    COPY = "copy"
+    PUBLISH = "publish"
 
 
 class ReadOutcome(enum.Enum):
@@ -87,10 +90,13 @@ class ReadOutcome(enum.Enum):
 
 
 class ReadResult(NamedTuple):
-    """Outcome of :func:`read_record`; ``record`` is the whole copy (header + payload) when OK."""
+    """Outcome of :func:`read_record`; ``record`` is the whole copy (header + payload) when OK.
+
+    ``seq`` is the sequence word the outcome was decided on.
+    """
 
     outcome: ReadOutcome
-    latch: int
+    seq: int
     record: bytes
     retries: int
     crc_rejects: int
@@ -100,71 +106,65 @@ def build_record(staging: bytearray, hot_values: Sequence[int | float], payload_
     """Fill the record header in ``staging`` (payload already at RECORD_HEADER_SIZE).
 
     ``hot_values`` follow ``layout.HOT_FIELDS``. Returns the record's total length.
+    ``ShmWriter.publish`` inlines these three statements (a test checks they agree).
     """
-    _LEN_AND_HOT_PACK(staging, COPY_PAYLOAD_LEN_OFFSET, payload_len, *hot_values)
-    view = memoryview(staging)
-    _CRC_PACK(staging, 0, zlib.crc32(view[COPY_PAYLOAD_LEN_OFFSET:]))
-    view.release()
+    _HEAD_PACK(staging, 0, 0, payload_len, *hot_values)  # crc field zero while summed
+    _CRC_PACK(staging, 0, crc32(staging))
     return RECORD_HEADER_SIZE + payload_len
+
+
+def record_crc(record: Buffer) -> int:
+    """The CRC a record should carry: over the whole record with its crc field read as 0."""
+    return crc32(memoryview(record)[COPY_PAYLOAD_LEN_OFFSET:], _ZERO_FIELD_CRC)
 
 
 def write_record(
     buf: memoryview,
     words: memoryview,
     seq_index: int,
-    copy0: int,
-    copy1: int,
+    copies: tuple[int, int],
     record: Buffer,
-    latch: int,
-) -> int:
-    """Publish ``record`` over a slot whose latch word is ``latch`` (even). Returns the new latch.
+    seq: int,
+) -> None:
+    """Publish ``record`` (whose hot ``seq`` is ``seq``, one more than the slot's sequence word).
 
     Single writer per slot; never blocks.
     """
-    n = len(record)
-    words[seq_index] = latch + 1  # one 8-byte store: readers switch to copy 1
-    buf[copy0 : copy0 + n] = record
-    words[seq_index] = latch + 2  # one 8-byte store: copy 0 is complete and advertised
-    buf[copy1 : copy1 + n] = record
-    return latch + 2
+    base = copies[seq & 1]  # the copy readers are not being sent to
+    buf[base : base + len(record)] = record
+    words[seq_index] = seq  # one 8-byte store: the copy is complete and advertised
 
 
 def write_steps(
     buf: memoryview,
     words: memoryview,
     seq_index: int,
-    copy0: int,
-    copy1: int,
+    copies: tuple[int, int],
     record: bytes,
-    latch: int,
+    seq: int,
     store_seq: SeqStore | None = None,
-) -> Generator[WriteStep, None, int]:
+) -> Generator[WriteStep, None, None]:
     """Step-by-step mirror of :func:`write_record`; yields each step after doing it.
 
-    ``store_seq`` replaces the single-store latch write (tests use it to model a broken,
+    ``store_seq`` replaces the single-store sequence write (tests use it to model a broken,
     multi-step store such as ``struct.pack_into``); its own yields are interleaving points.
     """
-    n = len(record)
-    for value, seq_step, target, copy_step in (
-        (latch + 1, WriteStep.SEQ_ODD, copy0, WriteStep.COPY0),
-        (latch + 2, WriteStep.SEQ_EVEN, copy1, WriteStep.COPY1),
-    ):
-        if store_seq is None:
-            words[seq_index] = value
-        else:
-            for _ in store_seq(words, seq_index, value):
-                yield seq_step
-        yield seq_step
-        buf[target : target + n] = record
-        yield copy_step
-    return latch + 2
+    base = copies[seq & 1]
+    buf[base : base + len(record)] = record
+    yield WriteStep.COPY
+    if store_seq is None:
+        words[seq_index] = seq
+    else:
+        for _ in store_seq(words, seq_index, seq):
+            yield WriteStep.PUBLISH
+    yield WriteStep.PUBLISH
 
 
-def record_is_intact(record: bytes, latch: int) -> bool:
-    """True when the copy's CRC matches and its sequence is the one ``latch`` advertises."""
-    if zlib.crc32(memoryview(record)[COPY_PAYLOAD_LEN_OFFSET:]) != _U32(record, 0)[0]:
+def record_is_intact(record: bytes, seq: int) -> bool:
+    """True when the copy's CRC matches and its sequence is ``seq``."""
+    if record_crc(record) != _U32(record, 0)[0]:
         return False
-    return bool(_U64(record, _SEQ_OFFSET)[0] == latch >> 1)
+    return bool(_U64(record, _SEQ_OFFSET)[0] == seq)
 
 
 def _copy_out(buf: memoryview, base: int, capacity: int) -> bytes:
@@ -172,7 +172,7 @@ def _copy_out(buf: memoryview, base: int, capacity: int) -> bytes:
     header = bytes(buf[base : base + RECORD_HEADER_SIZE])
     length = _U32(header, COPY_PAYLOAD_LEN_OFFSET)[0]
     if length > capacity:
-        return header  # a torn length; the latch or CRC check rejects this copy
+        return header  # a torn length; the sequence or CRC check rejects this copy
     return header + bytes(buf[base + RECORD_HEADER_SIZE : base + RECORD_HEADER_SIZE + length])
 
 
@@ -188,14 +188,14 @@ def read_record(
     """Copy out the latest complete record of one slot. Safe from any process; never blocks.
 
     Retries at most ``attempts`` times while the writer moves; ``verify=False`` skips the CRC
-    (only the control run of the torn-read detector uses it).
+    and sequence checks (only the control run of the torn-read detector uses it).
     """
     retries = crc_rejects = 0
     for _ in range(attempts):
         s1 = words[seq_index]
-        if s1 >> 1 == 0:
+        if s1 == 0:
             return ReadResult(ReadOutcome.NEVER_PUBLISHED, s1, b"", retries, crc_rejects)
-        record = _copy_out(buf, copies[s1 & 1], capacity)  # odd: copy 0 is being written
+        record = _copy_out(buf, copies[s1 & 1], capacity)
         if words[seq_index] != s1:
             retries += 1
             continue
@@ -222,7 +222,7 @@ def read_steps(
     load = load_seq or (lambda w, i: int(w[i]))
     s1 = load(words, seq_index)
     yield "load_seq1"
-    if s1 >> 1 == 0:
+    if s1 == 0:
         return ReadResult(ReadOutcome.NEVER_PUBLISHED, s1, b"", 0, 0)
     base = copies[s1 & 1]
     header = bytes(buf[base : base + RECORD_HEADER_SIZE])
@@ -237,23 +237,3 @@ def read_steps(
     if verify and not record_is_intact(record, s1):
         return ReadResult(ReadOutcome.TORN, s1, b"", 0, 1)
     return ReadResult(ReadOutcome.OK, s1, record, 0, 0)
-
-
-def repair_slot(
-    buf: memoryview, words: memoryview, seq_index: int, copy0: int, copy1: int, copy_size: int
-) -> int:
-    """Make both copies hold the advertised complete record and the latch even.
-
-    Called by a writer attaching to a slot whose previous writer may have died mid-publish,
-    before its first publish. Returns the (even) latch to continue from.
-    """
-    latch = int(words[seq_index])
-    if latch & 1:
-        # Died between SEQ_ODD and SEQ_EVEN: copy 1 holds record latch >> 1, copy 0 is partial.
-        buf[copy0 : copy0 + copy_size] = buf[copy1 : copy1 + copy_size]
-        words[seq_index] = latch - 1  # copy 0 now holds that same record: advertise it
-        return latch - 1
-    if latch:
-        # Possibly died during COPY1: copy 0 is the complete one.
-        buf[copy1 : copy1 + copy_size] = buf[copy0 : copy0 + copy_size]
-    return latch

@@ -39,7 +39,7 @@ SegmentHeader (written once by the creator; ``ready`` is stored last)::
 Slot (one per rank, 64-byte aligned; ``slot_size`` is a multiple of 64)::
 
      0 +-----------------------------------------------------------------------+
-       | SlotControl (64 B): latch seq, writer identity, epoch, counters       |
+       | SlotControl (64 B): sequence word, writer identity, epoch, counters   |
     64 +-----------------------------------------------------------------------+
        | record copy 0 (copy_size B)                                           |
        +-----------------------------------------------------------------------+
@@ -48,8 +48,9 @@ Slot (one per rank, 64-byte aligned; ``slot_size`` is a multiple of 64)::
 
 SlotControl::
 
-     0 latch_seq u64      the seqlock word: odd = copy 0 being written; 0 = never published.
-                          Stored with one aligned 8-byte store, never with struct.pack_into.
+     0 seq u64            the sequence word: the latest complete record, which lives in
+                          copy (seq & 1); 0 = never published. Stored with one aligned
+                          8-byte store, never with struct.pack_into.
      8 writer_pid u64     0 = no writer attached
     16 writer_start u64   the writer's process start time (clock ticks since boot), or 0
     24 epoch u64          bumped each time a writer attaches to the slot
@@ -59,8 +60,8 @@ SlotControl::
 Record copy (``copy_size`` = round_up(RECORD_HEADER_SIZE + payload_capacity, 64))::
 
      0 +-----------------------------------+-----------------------------------+
-       | record_crc u32: crc32 of bytes    | payload_len u32                   |
-       |   4..end (length, hot, payload)   |                                   |
+       | record_crc u32: crc32 of the      | payload_len u32                   |
+       |   record, this field read as 0    |                                   |
      8 +-----------------------------------+-----------------------------------+
        | hot record: the first 18 fields of LoadSnapshot (HOT_FIELDS), 8 B     |
        | each, u64 or f64, in struct order: 144 B                              |
@@ -69,9 +70,10 @@ Record copy (``copy_size`` = round_up(RECORD_HEADER_SIZE + payload_capacity, 64)
        +-----------------------------------------------------------------------+
 
 The hot record repeats the scalar load and identity fields so a reader can take every rank at
-once as numpy arrays without msgpack decoding. Its ``seq`` is the slot's record sequence (the
-latch's ``s >> 1``), which readers check. ``record_crc`` covers (sequence, length, payload), so
-a torn copy is detected on any CPU.
+once as numpy arrays without msgpack decoding. Its ``seq`` is the record's sequence, which
+readers check against the sequence word. ``record_crc`` covers (sequence, length, payload), so
+a torn copy is detected on any CPU; summing with the field as zero lets the writer take the
+CRC of its staging buffer in one call, without slicing.
 """
 
 from __future__ import annotations
@@ -92,13 +94,14 @@ __all__ = [
     "COPY_RECORD_CRC_OFFSET",
     "CRC_STRUCT",
     "CTRL_EPOCH_OFFSET",
-    "CTRL_LATCH_SEQ_OFFSET",
     "CTRL_REFUSED_OFFSET",
+    "CTRL_SEQ_OFFSET",
     "CTRL_WRITER_PID_OFFSET",
     "CTRL_WRITER_START_OFFSET",
     "DEFAULT_PAYLOAD_CAPACITY",
     "HEADER_SIZE",
     "HEADER_STRUCT",
+    "HEAD_STRUCT",
     "HOT_DTYPE",
     "HOT_FIELDS",
     "HOT_FIELD_COUNT",
@@ -107,7 +110,6 @@ __all__ = [
     "HOT_STRUCT",
     "LAYOUT_MAJOR",
     "LAYOUT_MINOR",
-    "LEN_AND_HOT_STRUCT",
     "MAGIC",
     "READY_VALUE",
     "RECORD_HEADER_SIZE",
@@ -118,7 +120,7 @@ __all__ = [
 
 MAGIC: Final[int] = int.from_bytes(b"LOADSNAP", "little")
 READY_VALUE: Final[int] = int.from_bytes(b"READY!!!", "little")
-LAYOUT_MAJOR: Final[int] = 1
+LAYOUT_MAJOR: Final[int] = 2
 LAYOUT_MINOR: Final[int] = 0
 SLOT_ALIGN: Final[int] = 64
 DEFAULT_PAYLOAD_CAPACITY: Final[int] = 2048
@@ -144,8 +146,8 @@ HEADER_FIELDS_END: Final[int] = READY_OFFSET + 8
 HEADER_SIZE: Final[int] = 128
 
 # --- slot control -------------------------------------------------------------------------
-CTRL_LATCH_SEQ_OFFSET: Final[int] = 0
-CTRL_WRITER_PID_OFFSET: Final[int] = CTRL_LATCH_SEQ_OFFSET + 8
+CTRL_SEQ_OFFSET: Final[int] = 0
+CTRL_WRITER_PID_OFFSET: Final[int] = CTRL_SEQ_OFFSET + 8
 CTRL_WRITER_START_OFFSET: Final[int] = CTRL_WRITER_PID_OFFSET + 8
 CTRL_EPOCH_OFFSET: Final[int] = CTRL_WRITER_START_OFFSET + 8
 CTRL_REFUSED_OFFSET: Final[int] = CTRL_EPOCH_OFFSET + 8
@@ -169,8 +171,8 @@ HOT_RECORD_SIZE: Final[int] = HOT_STRUCT.size
 HOT_SEQ_INDEX: Final[int] = LoadSnapshot.__struct_fields__.index("seq")
 COPY_PAYLOAD_OFFSET: Final[int] = COPY_HOT_OFFSET + HOT_RECORD_SIZE
 RECORD_HEADER_SIZE: Final[int] = COPY_PAYLOAD_OFFSET
-# Packs (payload_len, *hot) at COPY_PAYLOAD_LEN_OFFSET in one call.
-LEN_AND_HOT_STRUCT: Final = struct.Struct("<I" + HOT_STRUCT.format[1:])
+# Packs (record_crc placeholder, payload_len, *hot) at offset 0 in one call.
+HEAD_STRUCT: Final = struct.Struct("<II" + HOT_STRUCT.format[1:])
 CRC_STRUCT: Final = struct.Struct("<I")
 
 
@@ -212,8 +214,8 @@ class SegmentGeometry:
         return HEADER_SIZE + rank * self.slot_size + SLOT_CONTROL_SIZE + copy * self.copy_size
 
     def seq_word_index(self, rank: int) -> int:
-        """Index of ``rank``'s latch word in a ``memoryview.cast("Q")`` of the segment."""
-        return (HEADER_SIZE + rank * self.slot_size + CTRL_LATCH_SEQ_OFFSET) // 8
+        """Index of ``rank``'s sequence word in a ``memoryview.cast("Q")`` of the segment."""
+        return (HEADER_SIZE + rank * self.slot_size + CTRL_SEQ_OFFSET) // 8
 
     def __repr__(self) -> str:
         return (

@@ -22,8 +22,8 @@ from loadsnap.errors import LayoutError, SegmentError, UsageError, WireError
 from loadsnap.layout import (
     COPY_HOT_OFFSET,
     CTRL_EPOCH_OFFSET,
-    CTRL_LATCH_SEQ_OFFSET,
     CTRL_REFUSED_OFFSET,
+    CTRL_SEQ_OFFSET,
     CTRL_WRITER_PID_OFFSET,
     CTRL_WRITER_START_OFFSET,
     HOT_DTYPE,
@@ -51,7 +51,7 @@ __all__ = ["SegmentUnavailableError", "ShmReader"]
 # evidently alive. Keeps the probe off the common path.
 DEAD_PROBE_AFTER_S: Final[float] = 0.25
 REATTACH_CHECK_INTERVAL_S: Final[float] = 0.5
-# Total store order: the vectorised latch check alone proves a hot record consistent.
+# Total store order: the vectorised sequence check alone proves a hot record consistent.
 _TSO_MACHINES: Final[frozenset[str]] = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
 _FIELD_INDEX: Final[dict[str, int]] = {name: i for i, (name, _) in enumerate(HOT_FIELDS)}
 _SEQ: Final[int] = _FIELD_INDEX["seq"]
@@ -167,7 +167,7 @@ class ShmReader:
                 (geometry.dp_size,), dtype=dtype, buffer=raw, offset=base + offset, strides=stride
             )
 
-        self._latch_col = column(CTRL_LATCH_SEQ_OFFSET, "<u8")
+        self._seq_col = column(CTRL_SEQ_OFFSET, "<u8")
         self._pid_col = column(CTRL_WRITER_PID_OFFSET, "<u8")
         self._start_col = column(CTRL_WRITER_START_OFFSET, "<u8")
         copy1 = SLOT_CONTROL_SIZE + geometry.copy_size
@@ -181,7 +181,7 @@ class ShmReader:
         if segment is None:
             return
         self._words.release()
-        for name in ("_latch_col", "_pid_col", "_start_col", "_hot_cols"):
+        for name in ("_seq_col", "_pid_col", "_start_col", "_hot_cols"):
             with contextlib.suppress(AttributeError):
                 delattr(self, name)
         self._cache.clear()
@@ -275,13 +275,13 @@ class ShmReader:
     def read_changed(self) -> list[SlotRead]:
         """Read only the ranks whose record changed since this reader last decoded them."""
         self._attach()
-        latches = self._latch_col.copy()
+        seqs = self._seq_col.copy()
         now = time.monotonic_ns()
         changed = []
         for rank in range(self._geometry.dp_size):
-            latch = int(latches[rank])
+            seq = int(seqs[rank])
             cached = self._cache.get(rank)
-            if latch >> 1 and (cached is None or cached[0] != latch >> 1):
+            if seq and (cached is None or cached[0] != seq):
                 changed.append(self._read_rank(rank, now))
         return changed
 
@@ -348,10 +348,10 @@ class ShmReader:
         """Every rank's dispatch-critical numbers as numpy arrays, without msgpack decoding.
 
         On x86-64 (TSO) it copies the hot record of both copies of every slot between two
-        vectorised reads of every latch word, and re-reads one by one (bounded retries) only the
-        ranks whose latch moved. Elsewhere, or with ``verify_each=True``, every rank is read
-        through the CRC-checked path, since weaker memory orders make the latch check alone
-        insufficient there.
+        vectorised reads of every sequence word, and re-reads one by one (bounded retries) only
+        the ranks whose sequence moved. Elsewhere, or with ``verify_each=True``, every rank is
+        read through the CRC-checked path, since weaker memory orders make the sequence check
+        alone insufficient there.
 
         Raises
         ------
@@ -359,19 +359,19 @@ class ShmReader:
             No readable segment.
         """
         self._attach()
-        latch_col = self._latch_col
-        s1 = latch_col.copy()
+        seq_col = self._seq_col
+        s1 = seq_col.copy()
         hot = self._hot_cols[0].copy()
         hot1 = self._hot_cols[1].copy()
-        s2 = latch_col.copy()
+        s2 = seq_col.copy()
         now = time.monotonic_ns()
-        use1 = (s1 & 1).astype(bool)
+        use1 = (s1 & 1).astype(bool)  # record k lives in copy k & 1
         hot[use1] = hot1[use1]
-        published = (s1 >> 1) != 0
+        published = s1 != 0
         if self.verify_each:
             ok = np.zeros_like(published)
         else:
-            ok = published & (s1 == s2) & (hot["seq"] == (s1 >> 1))
+            ok = published & (s1 == s2) & (hot["seq"] == s1)
         for rank in np.flatnonzero(published & ~ok).tolist():
             ok[rank] = self._reread_hot(rank, hot)
         hot[~ok] = np.zeros(1, dtype=HOT_DTYPE)

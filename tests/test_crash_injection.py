@@ -1,9 +1,10 @@
 """Crash injection: a writer process dies at each named step of a publish (and mid-copy).
 
 A real subprocess publishes records 1 and 2 on a real segment, then drives
-:func:`write_steps` for record 3 up to the chosen point and dies there (SIGKILL or
-``os._exit``). Readers must then get record 2 or record 3 whole, never a partial one, with a DEAD
-status; a restarted writer re-attaches with the next epoch, repairs the slot and publishes.
+:func:`write_steps` for record 3 up to the chosen point (or copies half of it) and dies there
+(SIGKILL or ``os._exit``). Readers must then get record 2 or record 3 whole, never a partial
+one, with a DEAD status; a restarted writer re-attaches with the next epoch and goes on from the
+advertised record.
 Rank 1's writer lives in the test process throughout, so the segment stays live and is reused
 rather than reclaimed.
 """
@@ -30,17 +31,14 @@ _TIMEOUT_S = 30.0
 _OLD_NS = 10 * 10**9  # records claim to be 10 s old, so readers probe the writer's liveness now
 _EXIT_CODE = 3
 
-# Where the child stops: after a named step, or half-way through a copy.
-_STOPS: dict[str, tuple[WriteStep, bool]] = {
-    "seq_odd": (WriteStep.SEQ_ODD, False),
-    "mid_copy0": (WriteStep.SEQ_ODD, True),
-    "copy0": (WriteStep.COPY0, False),
-    "seq_even": (WriteStep.SEQ_EVEN, False),
-    "mid_copy1": (WriteStep.SEQ_EVEN, True),
-    "copy1": (WriteStep.COPY1, False),
+# Where the child stops: half-way through the copy, or after a named step.
+_STOPS: dict[str, WriteStep | None] = {
+    "mid_copy": None,
+    "copy": WriteStep.COPY,
+    "publish": WriteStep.PUBLISH,
 }
 # Record a reader must see after the crash, by stop (before the crashed publish: record 2).
-_EXPECTED = {"seq_odd": 2, "mid_copy0": 2, "copy0": 2, "seq_even": 3, "mid_copy1": 3, "copy1": 3}
+_EXPECTED = {"mid_copy": 2, "copy": 2, "publish": 3}
 
 
 def _snapshot(k: int) -> LoadSnapshot:
@@ -72,16 +70,15 @@ def child_main(instance: str, prior: int, stop: str, how: str) -> None:
     )
     record = bytes(staging[:length])
     # The writer's own views and offsets: exactly what publish() would write through.
-    buf, words, copies = writer._buf, writer._words, (writer._copy0, writer._copy1)
-    last_step, partial = _STOPS[stop]
-    steps = write_steps(buf, words, writer._seq_index, *copies, record, writer._latch)
-    for step in steps:
-        if step is last_step:
-            break
-    if partial:
-        target = copies[0] if last_step is WriteStep.SEQ_ODD else copies[1]
-        half = length // 2
-        buf[target : target + half] = record[:half]
+    buf, words, copies = writer._buf, writer._words, writer._copies
+    last_step = _STOPS[stop]
+    if last_step is None:
+        target = copies[k & 1]
+        buf[target : target + length // 2] = record[: length // 2]
+    else:
+        for step in write_steps(buf, words, writer._seq_index, copies, record, k):
+            if step is last_step:
+                break
     sys.stdout.flush()
     if how == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -146,14 +143,7 @@ def _crash_and_restart(instance: str, prior: int, stop: str, how: str) -> None:
         try:
             assert not restarted.created
             assert restarted.epoch == 2
-            # repair_slot left both copies holding the advertised record and the latch even.
-            geometry = restarted.geometry
-            copy0, copy1 = geometry.copy_offset(0, 0), geometry.copy_offset(0, 1)
-            buf = restarted._buf
-            assert bytes(buf[copy0 : copy0 + geometry.copy_size]) == bytes(
-                buf[copy1 : copy1 + geometry.copy_size]
-            )
-            assert restarted._latch == 2 * expected
+            assert restarted._seq == expected  # goes on from the advertised record
             _check_readers(instance, expected, SlotStatus.STALE)  # alive again, but old
 
             assert restarted.publish(_snapshot(expected + 1)) == expected + 1
@@ -179,10 +169,8 @@ def test_crash_during_first_publish(instance: str, stop: str) -> None:
     _crash_and_restart(instance, 0, stop, "sigkill")
 
 
-def test_expected_records_follow_the_latch() -> None:
-    # Before SEQ_EVEN the latch still advertises the previous record; from it on, the new one.
-    order = [step for step, _ in _STOPS.values()]
-    assert order == sorted(order, key=list(WriteStep).index)
-    for stop, (step, _) in _STOPS.items():
-        new = list(WriteStep).index(step) >= list(WriteStep).index(WriteStep.SEQ_EVEN)
-        assert _EXPECTED[stop] == (3 if new else 2)
+def test_expected_records_follow_the_sequence_word() -> None:
+    # Until PUBLISH the word still advertises the previous record; from it on, the new one.
+    assert [step for step in _STOPS.values() if step] == list(WriteStep)
+    for stop, step in _STOPS.items():
+        assert _EXPECTED[stop] == (3 if step is WriteStep.PUBLISH else 2)

@@ -1,9 +1,9 @@
 """Fuzzed segment bytes reach readers only as documented statuses or errors.
 
-Random bytes are written over a published segment's header, slot control words, latch and record
-copies (as a buggy or hostile process sharing /dev/shm could); every read path must then answer
-with :class:`SlotStatus` values, :class:`SegmentUnavailableError` or :class:`LayoutError`, never
-another exception, and never crash the reading process.
+Random bytes are written over a published segment's header, slot control words (the sequence
+word among them) and record copies (as a buggy or hostile process sharing /dev/shm could); every
+read path must then answer with :class:`SlotStatus` values, :class:`SegmentUnavailableError` or
+:class:`LayoutError`, never another exception, and never crash the reading process.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from loadsnap import (
     SlotStatus,
 )
 from loadsnap.layout import (
-    CTRL_LATCH_SEQ_OFFSET,
+    CTRL_SEQ_OFFSET,
     CTRL_WRITER_PID_OFFSET,
     HEADER_SIZE,
     RECORD_HEADER_SIZE,
@@ -76,7 +76,7 @@ def published() -> Iterator[_Published]:
 # Regions a patch may land in: (start, end) byte ranges of the segment.
 _REGIONS: dict[str, tuple[int, int]] = {
     "header": (0, HEADER_SIZE),
-    "latch": (_GEOMETRY.seq_word_index(0) * 8, _GEOMETRY.seq_word_index(0) * 8 + 8),
+    "seq_word": (_GEOMETRY.seq_word_index(0) * 8, _GEOMETRY.seq_word_index(0) * 8 + 8),
     "writer": (
         _GEOMETRY.slot_offset(0) + CTRL_WRITER_PID_OFFSET,
         _GEOMETRY.slot_offset(0) + SLOT_CONTROL_SIZE,
@@ -167,12 +167,12 @@ def test_fuzzed_segment_bytes_give_only_documented_results(
         # A writer pid that does not fit pid_t, on a record old enough to be probed.
         (_GEOMETRY.slot_offset(0) + CTRL_WRITER_PID_OFFSET, (2**63 + 5).to_bytes(8, "little")),
         (_GEOMETRY.slot_offset(0) + CTRL_WRITER_PID_OFFSET, (2**32 + 1).to_bytes(8, "little")),
-        # A latch far beyond the record sequences.
-        (_GEOMETRY.slot_offset(0) + CTRL_LATCH_SEQ_OFFSET, (2**64 - 1).to_bytes(8, "little")),
+        # A sequence word far beyond the record sequences.
+        (_GEOMETRY.slot_offset(0) + CTRL_SEQ_OFFSET, (2**64 - 1).to_bytes(8, "little")),
         # A payload length larger than the capacity.
         (_GEOMETRY.copy_offset(0, 0) + 4, (2**32 - 1).to_bytes(4, "little")),
     ],
-    ids=["pid-2**63", "pid-2**32", "latch-max", "length-max"],
+    ids=["pid-2**63", "pid-2**32", "seq-word-max", "length-max"],
 )
 def test_known_hostile_words(published: _Published, offset: int, data: bytes) -> None:
     _apply(published.path, published.pristine, [(offset, data)])

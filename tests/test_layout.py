@@ -35,7 +35,7 @@ _HEADER_OFFSETS = {
     "ready": layout.READY_OFFSET,
 }
 _CTRL_OFFSETS = {
-    "latch_seq": layout.CTRL_LATCH_SEQ_OFFSET,
+    "seq": layout.CTRL_SEQ_OFFSET,
     "writer_pid": layout.CTRL_WRITER_PID_OFFSET,
     "writer_start": layout.CTRL_WRITER_START_OFFSET,
     "epoch": layout.CTRL_EPOCH_OFFSET,
@@ -163,7 +163,7 @@ def test_slot_control_diagram_matches_offsets() -> None:
         assert offset == _CTRL_OFFSETS[name] == previous_end, name
         previous_end = offset + _SIZES[kind]
     assert previous_end == layout.CTRL_FIELDS_END <= layout.SLOT_CONTROL_SIZE
-    assert layout.CTRL_LATCH_SEQ_OFFSET == 0  # the latch leads the 64-byte aligned slot
+    assert layout.CTRL_SEQ_OFFSET == 0  # the sequence word leads the 64-byte aligned slot
 
 
 def test_record_copy_diagram_matches_offsets() -> None:
@@ -195,8 +195,8 @@ def test_hot_record_matches_leading_snapshot_fields() -> None:
         default = fields[index].default
         assert isinstance(default, float) == (code == "d"), name
     assert layout.HOT_FIELDS[layout.HOT_SEQ_INDEX][0] == "seq"
-    assert layout.LEN_AND_HOT_STRUCT.size == 4 + layout.HOT_RECORD_SIZE
-    assert layout.LEN_AND_HOT_STRUCT.format[1:] == "I" + layout.HOT_STRUCT.format[1:]
+    assert layout.HEAD_STRUCT.size == layout.RECORD_HEADER_SIZE
+    assert layout.HEAD_STRUCT.format[1:] == "II" + layout.HOT_STRUCT.format[1:]
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ field, the cycle and the dispatch sequence equal the record's sequence, and the 
 payload's length derive from it). Several reader processes read through ``read_all``,
 ``read_changed`` and ``hot_table`` and count every accepted read that fails the self-check:
 there must be none. The control run reads the same slots while the writers run, but copies a
-record straight out of the segment without the latch or the CRC: the same self-check must then
-find tears, or the detector proves nothing.
+record straight out of the segment without the sequence word or the CRC: the same self-check
+must then find tears, or the detector proves nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import time
-import zlib
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,8 @@ from loadsnap import (
     decode_snapshot,
 )
 from loadsnap._segment import open_readonly
+from loadsnap._seqlock import record_crc
 from loadsnap.layout import (
-    COPY_PAYLOAD_LEN_OFFSET,
     CRC_STRUCT,
     HOT_FIELDS,
     HOT_STRUCT,
@@ -175,7 +174,7 @@ def reader_main(instance: str, duration_s: float, verify_each: bool) -> None:
 
 
 def control_main(instance: str, duration_s: float) -> None:
-    """Copy records out of both copies of every slot with no latch and no CRC check."""
+    """Copy records out of both copies of every slot with no sequence word and no CRC check."""
     segment = open_readonly(instance)
     geometry = SegmentGeometry(segment.header.dp_size, segment.header.payload_capacity)
     counts = {"reads": 0, "tears": 0, "undecodable": 0, "crc_missed": 0}
@@ -186,7 +185,7 @@ def control_main(instance: str, duration_s: float) -> None:
             for copy in (0, 1):
                 base = geometry.copy_offset(rank, copy)
                 # Header, then its parsed hot record and length, then the payload: as the
-                # protocol's reader copies a record, but with no latch around it and no CRC.
+                # protocol's reader copies a record, but with no sequence word around it and no CRC.
                 header = bytes(buf[base : base + RECORD_HEADER_SIZE])
                 hot = dict(zip(_HOT_NAMES, HOT_STRUCT.unpack_from(header, 8), strict=True))
                 length = int.from_bytes(header[4:8], "little")
@@ -201,9 +200,7 @@ def control_main(instance: str, duration_s: float) -> None:
                     torn = True
                     counts["undecodable"] += 1
                 counts["tears"] += torn
-                crc_ok = (
-                    zlib.crc32(record[COPY_PAYLOAD_LEN_OFFSET:]) == CRC_STRUCT.unpack(record[:4])[0]
-                )
+                crc_ok = record_crc(record) == CRC_STRUCT.unpack(record[:4])[0]
                 counts["crc_missed"] += torn and crc_ok  # a tear the CRC would have let through
     buf.release()
     segment.close()
