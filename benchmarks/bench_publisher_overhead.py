@@ -23,6 +23,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Final
 
 from benchmarks._common import (
@@ -243,6 +244,77 @@ def main(argv: Sequence[str] | None = None) -> int:
     measurements = measure(args.batch, args.calls, args.samples)
     finish(build_result(measurements, args.every), args_list, started, args.json)
     return 0
+
+
+PLOT_CADENCES: Final[tuple[int, ...]] = (1, 15, 50)
+
+
+def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Cost of each part of a publish (bars, log) and its share of a step at N = 1, 15, 50."""
+    import matplotlib.pyplot as plt
+
+    m = result["data"]["measurements"]
+    idle_us = m["on_cycle_not_due_ns"] / 1e3
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11.5, 4.4), width_ratios=[1.15, 1])
+    parts = [
+        ("on_cycle, not due", idle_us, idle_us, "#7f7f7f"),
+        ("ShmWriter.publish", m["writer"]["p50"], m["writer"]["p99"], "#1f77b4"),
+        ("provider: engine.snapshot()", m["provider"]["p50"], m["provider"]["p99"], "#aec7e8"),
+        ("publish = provider + ShmWriter", m["publish"]["p50"], m["publish"]["p99"], "#1f77b4"),
+        (
+            "reference: provider + flock",
+            m["flock_publish"]["p50"],
+            m["flock_publish"]["p99"],
+            "#d62728",
+        ),
+        ("one Python engine cycle", m["engine_cycle"]["p50"], m["engine_cycle"]["p99"], "#2ca02c"),
+    ]
+    ys = list(range(len(parts)))[::-1]
+    p50s = [p50 for _, p50, _, _ in parts]
+    ax1.barh(ys, p50s, color=[color for *_, color in parts], height=0.6)
+    ax1.errorbar(
+        p50s,
+        ys,
+        xerr=[[0.0] * len(parts), [p99 - p50 for _, p50, p99, _ in parts]],
+        fmt="none",
+        ecolor="black",
+        capsize=3,
+        linewidth=1,
+    )
+    for y, (_, p50, p99, _) in zip(ys, parts, strict=True):
+        ax1.text(p99 * 1.25, y, f"{fmt_us(p50)} µs", va="center", fontsize=8)
+    ax1.set_yticks(ys, [label for label, *_ in parts], fontsize=8)
+    ax1.set_xscale("log")
+    ax1.set_xlim(right=max(p99 for _, _, p99, _ in parts) * 8)
+    ax1.set_xlabel("µs per call, p50 (whisker to p99), log")
+    ax1.set_title("What one call costs")
+
+    step_us = m["modelled_step_s"] * 1e6
+    width = 0.38
+    positions = list(range(len(PLOT_CADENCES)))
+    for i, (key, label, color) in enumerate(
+        (
+            ("publish", "ours: provider + ShmWriter", "#1f77b4"),
+            ("flock_publish", "reference: provider + flock", "#d62728"),
+        )
+    ):
+        shares = [100 * (idle_us + m[key]["p50"] / n) / step_us for n in PLOT_CADENCES]
+        bars = ax2.bar(
+            [p + (i - 0.5) * width for p in positions], shares, width, color=color, label=label
+        )
+        ax2.bar_label(bars, [f"{share:.2g}%" for share in shares], fontsize=8, padding=2)
+    ax2.set_xticks(positions, [f"N = {n}" for n in PLOT_CADENCES])
+    ax2.set_xlabel("publish every N cycles")
+    ax2.set_ylabel("share of one decode step, %")
+    ax2.set_title(f"Publishing share of a {step_us / 1e3:.1f} ms decode step (batch {m['batch']})")
+    ax2.margins(y=0.15)
+    ax2.legend(fontsize=8)
+    fig.suptitle("What LoadPublisher adds to a scheduler cycle", fontsize=11)
+    fig.tight_layout()
+    path = out_dir / "publisher_overhead.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
 
 
 if __name__ == "__main__":

@@ -408,5 +408,75 @@ def summarize(result: dict[str, Any]) -> ReportSection:
     return section
 
 
+def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Ingest rate per channel (bars) and publish-to-readable age percentiles (bars, log)."""
+    import matplotlib.pyplot as plt
+
+    data = result["data"]
+    ingest, age, config = data["ingest"], data["age"], data["config"]
+    channels = [(key, label) for key, label in (("open", "open"), ("curve", "CURVE")) if key in age]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.38
+    positions = list(range(len(channels)))
+    for i, (design, label, color) in enumerate(
+        (
+            ("raw", "bare PULL, count only", "#7f7f7f"),
+            ("collector", "collector → segment", "#1f77b4"),
+        )
+    ):
+        rates = [
+            ingest.get(f"{design}_{key}", {}).get("relayed_per_s", float("nan"))
+            for key, _ in channels
+        ]
+        ceilings = [ingest.get(f"raw_{key}", {}).get("received_per_s", 0.0) for key, _ in channels]
+        bars = ax1.bar(
+            [p + (i - 0.5) * width for p in positions],
+            [rate / 1e3 for rate in rates],
+            width,
+            color=color,
+            label=label,
+        )
+        labels = [f"{rate / 1e3:,.0f}k" for rate in rates]
+        if design == "collector":
+            labels = [
+                f"{text} ({100 * ratio(rate, ceiling):.0f}%)"
+                for text, rate, ceiling in zip(labels, rates, ceilings, strict=True)
+            ]
+        ax1.bar_label(bars, labels, fontsize=8, padding=2)
+    ax1.set_xticks(positions, [f"{label} channel" for _, label in channels])
+    ax1.set_ylabel("snapshots per second, thousands")
+    ax1.set_title(f"Ingest rate, {config['writers']} flooding writer processes")
+    ax1.margins(y=0.15)
+    ax1.legend(fontsize=8, loc="upper right")
+
+    percentiles = ("p50", "p90", "p99", "max")
+    colors = {"open": "#2ca02c", "curve": "#9467bd"}
+    for i, (key, label) in enumerate(channels):
+        ages_ms = [age[key]["stats_us"][name] / 1e3 for name in percentiles]
+        bars = ax2.bar(
+            [k + (i - (len(channels) - 1) / 2) * width for k in range(len(percentiles))],
+            ages_ms,
+            width,
+            color=colors[key],
+            label=f"{label} channel",
+        )
+        ax2.bar_label(bars, [f"{ms:.2f}" for ms in ages_ms], fontsize=7, padding=2)
+    refresh_ms = 20.0
+    ax2.axhline(refresh_ms, color="#d62728", linestyle="--", linewidth=1)
+    ax2.text(-0.4, refresh_ms * 1.08, "DP controller refresh: 20 ms", color="#d62728", fontsize=8)
+    ax2.set_yscale("log")
+    ax2.set_ylim(top=refresh_ms * 3)
+    ax2.set_xticks(list(range(len(percentiles))), list(percentiles))
+    ax2.set_ylabel("ms (log)")
+    ax2.set_title(f"Publish → readable in the segment (writer every {config['period_ms']:g} ms)")
+    ax2.legend(fontsize=8, loc="center left")
+    fig.suptitle("Multi-node path: ZMQ collector over tcp://127.0.0.1", fontsize=11)
+    fig.tight_layout()
+    path = out_dir / "zmq.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

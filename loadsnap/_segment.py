@@ -35,6 +35,7 @@ from loadsnap.layout import (
     READY_OFFSET,
     READY_VALUE,
     SegmentGeometry,
+    round_up,
 )
 
 __all__ = [
@@ -235,6 +236,13 @@ def _validate_header(header: SegmentHeader, size: int, name: str) -> None:
     if size < geometry.total_size:
         raise LayoutError(
             f"short file: size={size} expected>={geometry.total_size} (segment={name})"
+        )
+    # Larger than the header's geometry (beyond page rounding): the header was rewritten, and
+    # trusting it would silently hide the ranks past its dp_size.
+    if size > round_up(geometry.total_size, mmap.PAGESIZE):
+        raise LayoutError(
+            f"file larger than its header says: size={size} expected={geometry.total_size} "
+            f"dp_size={header.dp_size} (segment={name})"
         )
 
 

@@ -31,15 +31,15 @@ from loadsnap.exposition import (
     render_json,
     render_prometheus,
 )
-from loadsnap.reading import HotTable, SlotRead, SlotStatus, SnapshotSource
-from loadsnap.schema import SECTIONS, parse_include
+from loadsnap.reading import HotTable, SegmentState, SlotRead, SlotStatus, SnapshotSource
+from loadsnap.schema import SECTIONS, LoadSnapshot, parse_include
 from loadsnap.shm_reader import SegmentUnavailableError
 
 __all__ = ["FORMATS", "LoadsQuery", "LockedSource", "loads_router", "parse_loads_query"]
 
 FORMATS: Final[tuple[str, ...]] = ("json", "prometheus", "openmetrics")
 OutputFormat = Literal["json", "prometheus", "openmetrics"]
-_RANK_RE: Final = re.compile(r"^\s*\d{1,9}\s*$")
+_RANK_RE: Final = re.compile(r"^\s*[0-9]{1,9}\s*$")
 _OPENMETRICS_MEDIA: Final[str] = "application/openmetrics-text"
 T = TypeVar("T")
 
@@ -155,6 +155,173 @@ def _unavailable(reads: list[SlotRead]) -> Response | None:
     return _error(503, f"no rank has a usable snapshot: {counts}", reason="no_data")
 
 
+# --- the OpenAPI description of /v1/loads (what schemathesis checks the live answers against) ---
+
+
+def _inline_refs(node: Any, defs: Mapping[str, Any]) -> Any:
+    # msgspec's schema points into "#/$defs"; a router cannot add components to its host app.
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline_refs(defs[ref.removeprefix("#/$defs/")], defs)
+        return {key: _inline_refs(value, defs) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_inline_refs(item, defs) for item in node]
+    return node
+
+
+def _any_case(names: tuple[str, ...]) -> str:
+    # A regex alternative matching each name in any case (JSON Schema patterns have no flags).
+    return "|".join("".join(f"[{c}{c.upper()}]" for c in name) for name in names)
+
+
+# What parse_loads_query accepts, exactly, as ECMA-262 patterns: values are stripped of every
+# str.isspace() character (listed here) and lower-cased. A format may be empty (absent); an
+# include is comma-separated, empty items are skipped, and at least one section is named.
+_SPACE: Final[str] = "[" + "".join(chr(c) for c in range(0x3001) if chr(c).isspace()) + "]*"
+_FORMAT_PATTERN: Final[str] = f"^{_SPACE}(?:{_any_case(FORMATS)})?{_SPACE}$"
+_SECTION: Final[str] = f"(?:{_any_case(SECTIONS)})"
+_INCLUDE_PATTERN: Final[str] = (
+    f"^(?:{_SPACE},)*{_SPACE}{_SECTION}{_SPACE}(?:,{_SPACE}{_SECTION}?{_SPACE})*$"
+)
+
+
+def _openapi_parameters() -> list[dict[str, Any]]:
+    # Parsed by hand (parse_loads_query) so bad input gets our 400 message, not FastAPI's 422.
+    return [
+        {
+            "name": "dp_rank",
+            "in": "query",
+            "required": False,
+            "description": "One rank (400 when not below dp_size). Default: every rank.",
+            "schema": {"type": "integer", "minimum": 0, "maximum": 999_999_999},
+            "example": 0,
+        },
+        {
+            "name": "include",
+            "in": "query",
+            "required": False,
+            "description": f"Comma-separated sections: {', '.join(SECTIONS)}.",
+            "schema": {"type": "string", "default": "core", "pattern": _INCLUDE_PATTERN},
+            "example": "core,memory",
+        },
+        {
+            "name": "format",
+            "in": "query",
+            "required": False,
+            "description": (
+                f"{', '.join(FORMATS)}, in any case. Absent or empty means json, or "
+                "openmetrics when Accept asks for it; prometheus also becomes openmetrics then."
+            ),
+            "schema": {"type": "string", "pattern": _FORMAT_PATTERN},
+            "example": "prometheus",
+        },
+    ]
+
+
+def _openapi_responses() -> dict[int | str, dict[str, Any]]:
+    snapshot = msgspec.json.schema(LoadSnapshot)
+    defs = snapshot["$defs"]
+    labels = [status.label for status in SlotStatus]
+    load = {
+        "type": "object",
+        "required": ["dp_rank", "age_seconds", "status", "reason"],
+        "properties": {
+            **_inline_refs(defs["LoadSnapshot"]["properties"], defs),
+            "num_total_reqs": {"type": "integer", "minimum": 0},
+            "age_seconds": {"type": "number"},
+            "status": {"type": "string", "enum": labels},
+            "reason": {"type": "string"},
+        },
+    }
+    unavailable = {
+        "type": "object",
+        "required": ["dp_rank", "status", "reason"],
+        "properties": {
+            "dp_rank": {"type": "integer", "minimum": 0},
+            "status": {"type": "string", "enum": labels},
+            "reason": {"type": "string"},
+        },
+    }
+    count = {"type": "integer", "minimum": 0}
+    aggregate = {
+        "type": "object",
+        "required": ["total_running_reqs", "total_waiting_reqs", "total_reqs"],
+        "properties": {
+            "total_running_reqs": count,
+            "total_waiting_reqs": count,
+            "total_reqs": count,
+            "avg_token_usage": {"type": "number", "minimum": 0, "maximum": 1},
+            "avg_throughput": {"type": "number", "minimum": 0},
+            "avg_utilization": {"type": "number", "minimum": 0, "maximum": 1},
+        },
+    }
+    document = {
+        "type": "object",
+        "required": ["timestamp", "version", "dp_rank_count", "loads", "aggregate", "unavailable"],
+        "properties": {
+            "timestamp": {"type": "string", "format": "date-time"},
+            "version": {"type": "string"},
+            "dp_rank_count": count,
+            "loads": {"type": "array", "items": load},
+            "aggregate": aggregate,
+            "unavailable": {"type": "array", "items": unavailable},
+        },
+    }
+    text = {"schema": {"type": "string"}}
+    reasons = sorted(
+        {state.value for state in SegmentState if state is not SegmentState.OK}
+        | {"dead", "no_data", *labels}
+    )
+    no_store = {"Cache-Control": {"schema": {"type": "string", "const": "no-store"}}}
+    return {
+        200: {
+            "headers": no_store,
+            "content": {
+                "application/json": {"schema": document},
+                CONTENT_TYPE_TEXT: text,
+                CONTENT_TYPE_OPENMETRICS: text,
+            },
+        },
+        400: {
+            "description": "Bad input; the message says what is valid",
+            "headers": no_store,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["detail"],
+                        "properties": {
+                            "detail": {"type": "string", "minLength": 1},
+                            "valid_sections": {"type": "array", "items": {"type": "string"}},
+                            "valid_formats": {"type": "array", "items": {"type": "string"}},
+                        },
+                    }
+                }
+            },
+        },
+        503: {
+            "description": "Nothing usable to report; reason says why",
+            "headers": {
+                **no_store,
+                "Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 0}},
+            },
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["detail", "reason"],
+                        "properties": {
+                            "detail": {"type": "string", "minLength": 1},
+                            "reason": {"type": "string", "enum": reasons},
+                        },
+                    }
+                }
+            },
+        },
+    }
+
+
 def loads_router(
     source: SnapshotSource,
     *,
@@ -209,6 +376,8 @@ def loads_router(
         path,
         summary="Every DP rank's latest load with its freshness",
         response_description="JSON, Prometheus text or OpenMetrics",
+        responses=_openapi_responses(),
+        openapi_extra={"parameters": _openapi_parameters()},
     )
     async def get_loads(request: Request) -> Response:
         params = request.query_params

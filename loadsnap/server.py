@@ -12,7 +12,7 @@ import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Final
+from typing import Any, Final
 
 import anyio.to_thread
 import msgspec
@@ -26,13 +26,45 @@ from loadsnap.errors import LoadsnapError, UsageError
 from loadsnap.exposition import USABLE_STATUSES
 from loadsnap.http import LockedSource, loads_router
 from loadsnap.metrics import LoadsnapCollector, slot_refused_counts
-from loadsnap.reading import DEFAULT_STALE_AFTER_S, SlotStatus, SnapshotSource
+from loadsnap.reading import DEFAULT_STALE_AFTER_S, SegmentState, SlotStatus, SnapshotSource
 from loadsnap.shm_reader import SegmentUnavailableError, ShmReader
 
 __all__ = ["LOOPBACK_HOSTS", "ServerThread", "create_app"]
 
 LOOPBACK_HOSTS: Final[frozenset[str]] = frozenset({"127.0.0.1", "::1", "localhost"})
 SERVER_START_TIMEOUT_S: Final[float] = 10.0
+
+# OpenAPI descriptions of /metrics and /healthz (schemathesis checks live answers against them).
+_TEXT: Final[dict[str, Any]] = {"schema": {"type": "string"}}
+_METRICS_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
+    200: {"content": {"text/plain; version=0.0.4": _TEXT, "application/openmetrics-text": _TEXT}}
+}
+_HEALTH_DOC: Final[dict[str, Any]] = {
+    "type": "object",
+    "required": ["status", "segment"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ok", "unavailable"]},
+        "segment": {"type": "string", "enum": [state.value for state in SegmentState]},
+        "ranks": {
+            "type": "object",
+            "properties": {
+                status.label: {"type": "integer", "minimum": 0} for status in SlotStatus
+            },
+            "additionalProperties": False,
+        },
+        "detail": {"type": "string"},
+    },
+}
+_HEALTHZ_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
+    200: {
+        "description": "At least one rank is fresh or stale",
+        "content": {"application/json": {"schema": _HEALTH_DOC}},
+    },
+    503: {
+        "description": "No segment, an incompatible one, or no usable rank",
+        "content": {"application/json": {"schema": _HEALTH_DOC}},
+    },
+}
 
 
 def create_app(
@@ -97,13 +129,23 @@ def create_app(
     app.state.source = locked
     app.include_router(loads_router(locked, prefix=prefix, const_labels=const_labels))
 
-    @app.get("/metrics", summary="loadsnap's own health (Prometheus / OpenMetrics)")
+    @app.get(
+        "/metrics",
+        summary="loadsnap's own health (Prometheus / OpenMetrics)",
+        response_description="Prometheus text, or OpenMetrics when Accept asks for it",
+        response_class=Response,
+        responses=_METRICS_RESPONSES,
+    )
     async def metrics(request: Request) -> Response:
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
         body = await anyio.to_thread.run_sync(encoder, registry)
         return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
-    @app.get("/healthz", summary="200 while at least one rank is fresh or stale, else 503")
+    @app.get(
+        "/healthz",
+        summary="200 while at least one rank is fresh or stale, else 503",
+        responses=_HEALTHZ_RESPONSES,
+    )
     async def healthz() -> Response:
         try:
             reads = await anyio.to_thread.run_sync(locked.read_all)

@@ -17,6 +17,7 @@ import pytest
 
 from loadsnap import LoadSnapshot, ShmWriter
 from loadsnap.cli import build_parser, main
+from loadsnap.layout import LAYOUT_MAJOR, LAYOUT_MINOR
 
 DP = 2
 
@@ -39,7 +40,7 @@ def test_inspect_json(
     info = json.loads(capsys.readouterr().out)
     assert info["state"] == "ok"
     assert info["dp_size"] == DP
-    assert info["layout_version"].startswith("1.")
+    assert info["layout_version"] == f"{LAYOUT_MAJOR}.{LAYOUT_MINOR}"
     slot0, slot1 = info["slots"]
     assert slot0["status"] == "fresh"
     assert slot0["seq"] == 1
@@ -56,7 +57,7 @@ def test_inspect_text(
 ) -> None:
     assert main(["inspect", "--instance", instance]) == 0
     out = capsys.readouterr().out
-    assert "layout 1." in out
+    assert f"layout {LAYOUT_MAJOR}.{LAYOUT_MINOR}" in out
     assert re.search(r"^\s+0\s+fresh\s", out, re.MULTILINE)
     assert re.search(r"^\s+1\s+never_published\s", out, re.MULTILINE)
 

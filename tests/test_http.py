@@ -147,6 +147,7 @@ def test_openmetrics_via_accept_header(server: ServerThread, published: list[Shm
         ({"dp_rank": "abc"}, "dp_rank: expected a non-negative integer, found 'abc'"),
         ({"dp_rank": "-1"}, "non-negative integer"),
         ({"dp_rank": "1.5"}, "non-negative integer"),
+        ({"dp_rank": "\u0661"}, "non-negative integer"),  # a non-ASCII digit one
         ({"dp_rank": "7"}, "dp_rank out of range: dp_rank=7; valid: 0..2"),
         ({"include": "core,bogus"}, "unknown section bogus; valid: core, memory"),
         ({"include": ""}, "unknown section <empty>"),

@@ -29,6 +29,7 @@ from loadsnap import (
 )
 from loadsnap import shm_reader as shm_reader_module
 from loadsnap.layout import (
+    DP_SIZE_OFFSET,
     LAYOUT_MAJOR,
     LAYOUT_MAJOR_OFFSET,
     MAGIC_OFFSET,
@@ -202,6 +203,13 @@ def test_short_file_refused(instance: str, size: int) -> None:
     path = _leave_segment(instance)
     os.truncate(path, size)
     _assert_refused(instance, f"short file: size={size}", LayoutError)
+
+
+def test_header_shrunk_below_file_refused(instance: str) -> None:
+    # A rewritten dp_size would otherwise hide the ranks past it.
+    path = _leave_segment(instance, dp_size=4)
+    _patch(path, DP_SIZE_OFFSET, struct.pack("<I", 1))
+    _assert_refused(instance, "file larger than its header says", LayoutError)
 
 
 def test_other_dp_size_with_live_writer_refused(instance: str) -> None:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from dp_controller.controller import Controller
     from loadsnap.collector import Collector
     from loadsnap.server import ServerThread
+    from scheduler.messages import Finished
 
 NON_INTERACTIVE_DURATION_S: Final[float] = 20.0
 CHUNK_S: Final[float] = 2.0
@@ -85,6 +86,7 @@ class _Workload:
         self.stop = threading.Event()
         self.submitted = 0
         self.finished = 0
+        self.failed = 0  # reported failed by the controller (a rank died or restarted)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="loadsnap-demo-workload")
 
@@ -103,7 +105,7 @@ class _Workload:
                 for req in generate_trace(spec):
                     due = offset + req.arrival_s
                     while not self.stop.is_set() and (now := time.monotonic() - start) < due:
-                        self.finished += len(self.controller.poll(min(0.01, due - now)))
+                        self._count(self.controller.poll(min(0.01, due - now)))
                     if self.stop.is_set():
                         return
                     self.controller.submit(req.prompt, req.max_new_tokens)
@@ -113,6 +115,13 @@ class _Workload:
         except BaseException as exc:  # reported by the main thread
             self.error = exc
             self.stop.set()
+
+    def _count(self, results: list[Finished]) -> None:
+        for result in results:
+            if result.status == "ok":
+                self.finished += 1
+            else:
+                self.failed += 1
 
 
 def _start_server(app: Any, host: str, port: int) -> ServerThread:
@@ -249,6 +258,7 @@ def _show(
     def frame() -> Group:
         footer = Text(
             f"dispatched {workload.submitted}  finished {workload.finished}  "
+            f"failed {workload.failed}  "
             + ("Ctrl-C to stop" if deadline is None else "")
         )
         return Group(render_table(reader.read_all(), title), footer)
@@ -275,6 +285,6 @@ def _show(
             )
             print(
                 f"loadsnap demo: dispatched {workload.submitted} finished {workload.finished} "
-                f"{ranks}",
+                f"failed {workload.failed} {ranks}",
                 flush=True,
             )
