@@ -6,7 +6,7 @@ never touches buffers; the controller process (:mod:`dp_controller.controller`) 
 
 from __future__ import annotations
 
-from dp_controller.baselines import OverwriteBudget
+from dp_controller.baselines import OverwriteBudget, RoundRobinBaseline
 from dp_controller.budget import (
     DEFAULT_REFRESH_INTERVAL_S,
     BudgetConfig,
@@ -31,6 +31,7 @@ __all__ = [
     "LedgerStats",
     "OverwriteBudget",
     "Policy",
+    "RoundRobinBaseline",
     "StalePolicy",
     "TraceRequest",
     "WorkloadSpec",

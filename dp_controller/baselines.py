@@ -7,7 +7,10 @@ lowest-rank tie-break (``list.index(min(...))``) and adds an optimistic +1. Requ
 not yet seen by a scheduler vanish at the next refresh, so bursts herd onto one rank
 (``NOTES.md`` §1.3). It ignores staleness, like the reference.
 
-It still numbers dispatches per rank, because the schedulers require gap-free sequences.
+:class:`RoundRobinBaseline` is the load-unaware dispatcher a deployment falls back to: rank after
+rank, reading nothing, so it never learns that a rank died.
+
+Both still number dispatches per rank, because the schedulers require gap-free sequences.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dp_controller.dispatching import Clock, Dispatch, monotonic_clock
 from loadsnap.errors import LoadsnapError, UsageError
 from loadsnap.reading import SnapshotSource
 
-__all__ = ["OverwriteBudget"]
+__all__ = ["OverwriteBudget", "RoundRobinBaseline"]
 
 
 class OverwriteBudget:
@@ -86,3 +89,45 @@ class OverwriteBudget:
         seq = self._seq[chosen] + 1
         self._seq[chosen] = seq
         return Dispatch(chosen, seq)
+
+
+class RoundRobinBaseline:
+    """Plain round robin that reads no load at all. Single owner; not thread-safe.
+
+    Unlike ``DPBudget`` with ``Policy.ROUND_ROBIN`` (which skips dead ranks), it keeps sending
+    every ``dp_size``-th request to a rank whatever happened to it.
+
+    Parameters
+    ----------
+    dp_size:
+        Number of ranks.
+    """
+
+    def __init__(self, dp_size: int) -> None:
+        if dp_size < 1:
+            raise UsageError(f"dp_size must be >= 1: dp_size={dp_size}")
+        self._n = dp_size
+        self._next = 0
+        self._seq = [0] * dp_size
+        self.decisions = 0
+
+    @property
+    def dp_size(self) -> int:
+        """Number of ranks."""
+        return self._n
+
+    def refresh(self, force: bool = False) -> bool:
+        """Nothing to read: always False."""
+        return False
+
+    def dispatch(self, est_tokens: int, rank: int | None = None) -> Dispatch:
+        """The next rank in turn (or the pinned ``rank``, which does not move the turn)."""
+        self.decisions += 1
+        if rank is None:
+            rank = self._next
+            self._next = rank + 1 if rank + 1 < self._n else 0
+        elif not 0 <= rank < self._n:
+            raise UsageError(f"dp_rank out of range: dp_rank={rank} dp_size={self._n}")
+        seq = self._seq[rank] + 1
+        self._seq[rank] = seq
+        return Dispatch(rank, seq)

@@ -17,6 +17,15 @@ are not dead (over every rank if all are dead), counting each such decision, rat
 
 Ties between equal scores rotate: the search starts after the last chosen rank, so an idle
 cluster is served round robin instead of hammering rank 0.
+
+Policies. ``REQUESTS_THEN_WORK`` (ours) first keeps the requests in flight per rank level: only
+ranks whose budgeted requests are within ``request_slack`` of the fewest are eligible; among
+them the lowest ``WORK_OVER_THROUGHPUT`` score wins, so a large prompt goes to the rank that will
+clear its queue first without letting one rank collect many small requests (a token-only score
+can: the ranks that did not take a 512-token prompt take the next dozen 32-token ones). With a
+slow prefill a rank's queued prompt tokens decide when its batch starts decoding, so the work
+term is what keeps the ranks' batches finishing together. ``POWER_OF_TWO`` draws two usable ranks
+(seeded) and applies the same rule to that pair only: O(1) per decision at any dp_size.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import random
 from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Final
@@ -64,6 +74,10 @@ class Policy(enum.Enum):
     TOTAL_TOKENS = "total_tokens"  # num_total_tokens (+ unacknowledged), requests break ties
     # Queued work over throughput, times a convex KV-pressure penalty 1 + w * u**2 / (1 - u).
     WORK_OVER_THROUGHPUT = "work_over_throughput"
+    # Ranks within ``request_slack`` of the fewest requests, then the WORK_OVER_THROUGHPUT score.
+    REQUESTS_THEN_WORK = "requests_then_work"
+    # REQUESTS_THEN_WORK over two ranks drawn at random (seeded): O(1) per decision.
+    POWER_OF_TWO = "power_of_two"
 
 
 class StalePolicy(enum.Enum):
@@ -115,14 +129,21 @@ class BudgetConfig:
         Minimum tokens/s assumed for any rank. A rank without waiting requests is assumed to
         run as fast as the fastest usable rank (its own throughput reflects demand, not
         capacity); a rank with a queue is taken at its reported throughput.
+    request_slack:
+        ``REQUESTS_THEN_WORK`` and ``POWER_OF_TWO``: a rank is eligible when its budgeted
+        requests exceed the fewest by at most this many (0: strictly fewest first).
+    seed:
+        ``POWER_OF_TWO``: seed of the generator that draws the two ranks.
     """
 
-    policy: Policy = Policy.WORK_OVER_THROUGHPUT
+    policy: Policy = Policy.REQUESTS_THEN_WORK
     refresh_interval_s: float = DEFAULT_REFRESH_INTERVAL_S
     stale_policy: StalePolicy = StalePolicy.SATURATED
     stale_after_s: float = DEFAULT_STALE_AFTER_S
     kv_weight: float = 4.0
     throughput_floor: float = 1.0
+    request_slack: int = 1
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if not self.refresh_interval_s >= 0:
@@ -133,6 +154,8 @@ class BudgetConfig:
             raise UsageError(f"kv_weight must be finite and >= 0: kv_weight={self.kv_weight}")
         if not self.throughput_floor > 0:
             raise UsageError(f"throughput_floor must be > 0: {self.throughput_floor}")
+        if self.request_slack < 0:
+            raise UsageError(f"request_slack must be >= 0: request_slack={self.request_slack}")
 
 
 class BudgetStats:
@@ -214,6 +237,9 @@ class DPBudget:
         self._last_refresh_ns: int | None = None
         self._cursor = 0
         self._policy = self.config.policy
+        self._slack = float(self.config.request_slack)
+        self._rng = random.Random(self.config.seed)
+        self._usable: list[int] = []
         # Last accepted record per rank.
         self._epoch = np.zeros(n, dtype=np.uint64)
         self._seq = np.zeros(n, dtype=np.uint64)
@@ -245,6 +271,11 @@ class DPBudget:
     def failing_open(self) -> bool:
         """True when no rank can be scored and decisions fall back to round robin."""
         return self._fail_open
+
+    @property
+    def epochs(self) -> npt.NDArray[np.uint64]:
+        """Each rank's last accepted epoch (0 until a record was accepted); a copy."""
+        return self._epoch.copy()
 
     def budget_requests(self) -> npt.NDArray[np.float64]:
         """Per-rank requests: reported running + waiting plus unacknowledged dispatches."""
@@ -360,15 +391,17 @@ class DPBudget:
         best = float(self._throughput[usable].max()) if usable.any() else 0.0
         rate = np.where(self._waiting > 0, self._throughput, max(best, floor))
         self._rate = np.maximum(rate, floor)
-        if self._n <= SCALAR_MAX_DP:
-            self._prepare_scalar(np.flatnonzero(usable).tolist())
+        self._usable = np.flatnonzero(usable).tolist()
+        if self._n <= SCALAR_MAX_DP or self._policy is Policy.POWER_OF_TWO:
+            self._prepare_scalar(self._usable)
 
     def _prepare_scalar(self, usable: list[int]) -> None:
         # Per cursor position, the usable ranks in rotated order (ties go to the first).
         n = self._n
-        self._rotations = [
-            [r for r in usable if r >= c] + [r for r in usable if r < c] for c in range(n)
-        ]
+        if n <= SCALAR_MAX_DP:
+            self._rotations = [
+                [r for r in usable if r >= c] + [r for r in usable if r < c] for c in range(n)
+            ]
         self._s_reqs: list[float] = self.reported_reqs.tolist()
         self._s_tokens: list[float] = self.reported_tokens.tolist()
         self._s_used: list[float] = self._used_tokens.tolist()
@@ -408,6 +441,8 @@ class DPBudget:
             chosen = self._next_round_robin()
         elif self._policy is Policy.ROUND_ROBIN:
             chosen = self._next_round_robin()
+        elif self._policy is Policy.POWER_OF_TWO:
+            chosen = self._choose_two(est_tokens)
         elif self._n <= SCALAR_MAX_DP:
             chosen = self._choose_scalar(est_tokens)
         else:
@@ -423,12 +458,18 @@ class DPBudget:
         order = self._rotations[self._cursor]
         best = math.inf
         chosen = order[0]
-        if policy is Policy.WORK_OVER_THROUGHPUT:
+        if policy is Policy.WORK_OVER_THROUGHPUT or policy is Policy.REQUESTS_THEN_WORK:
+            reqs, counts = self._s_reqs, ledger.count_list
             tokens, used, cap, rate = self._s_tokens, self._s_used, self._s_max, self._s_rate
             pending_l = ledger.tokens_list
             est = float(est_tokens)
             w = self.config.kv_weight
+            limit = math.inf
+            if policy is Policy.REQUESTS_THEN_WORK:
+                limit = min([reqs[k] + counts[k] for k in order]) + self._slack
             for k in order:
+                if reqs[k] + counts[k] > limit:
+                    continue
                 pending = pending_l[k] + est
                 m = cap[k]
                 u = (used[k] + pending) / m if m > 0 else 0.0
@@ -453,10 +494,46 @@ class DPBudget:
         self._cursor = chosen + 1 if chosen + 1 < self._n else 0
         return chosen
 
+    def _choose_two(self, est_tokens: int) -> int:
+        # REQUESTS_THEN_WORK restricted to two distinct usable ranks drawn uniformly.
+        usable = self._usable
+        m = len(usable)
+        if m == 1:
+            return usable[0]
+        draw = self._rng.randrange
+        i = draw(m)
+        j = draw(m - 1)
+        a, b = usable[i], usable[j + 1 if j >= i else j]
+        reqs, counts = self._s_reqs, self.ledger.count_list
+        ra, rb = reqs[a] + counts[a], reqs[b] + counts[b]
+        if ra > rb + self._slack:
+            return b
+        if rb > ra + self._slack:
+            return a
+        return b if self._work_score(b, est_tokens) < self._work_score(a, est_tokens) else a
+
+    def _work_score(self, k: int, est_tokens: int) -> float:
+        # One rank's WORK_OVER_THROUGHPUT score, with the scalar path's arithmetic.
+        pending = self.ledger.tokens_list[k] + float(est_tokens)
+        m = self._s_max[k]
+        u = (self._s_used[k] + pending) / m if m > 0 else 0.0
+        if u > _MAX_USAGE:
+            u = _MAX_USAGE
+        w = self.config.kv_weight
+        return (self._s_tokens[k] + pending) / self._s_rate[k] * (1.0 + w * u * u / (1.0 - u))
+
     def scores(self, est_tokens: int = 0) -> npt.NDArray[np.float64]:
-        """Per-rank scores under the policy (lower is better; ``inf`` = not eligible)."""
+        """Per-rank scores under the policy (lower is better; ``inf`` = not eligible).
+
+        ``POWER_OF_TWO`` returns the ``REQUESTS_THEN_WORK`` scores over every rank; a decision
+        compares two drawn ranks by the same rule.
+        """
         ledger = self.ledger
         policy = self._policy
+        if policy is Policy.REQUESTS_THEN_WORK or policy is Policy.POWER_OF_TWO:
+            reqs = self.reported_reqs + ledger.unacked_count + self._penalty
+            eligible = reqs <= reqs.min() + self._slack
+            return np.where(eligible, self._work_scores(est_tokens), np.inf)
         if policy is Policy.TOTAL_REQUESTS:
             return self.reported_reqs + ledger.unacked_count + self._penalty
         if policy is Policy.TOTAL_TOKENS:

@@ -3,7 +3,7 @@
 Replays a seeded workload through a controller that dispatches to DP schedulers, then prints
 per-rank counts, imbalance and latency percentiles. Example (spawns 4 reference schedulers)::
 
-    python -m dp_controller --spawn --dp-size 4 --policy work_over_throughput --workload bursty
+    python -m dp_controller --spawn --dp-size 4 --policy requests_then_work --workload bursty
 
 Without ``--spawn`` it connects to running schedulers: ``--request-addr`` once per rank (or a
 ``{rank}`` template) and ``--result-addr`` for this controller's PULL.
@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra flag for spawned schedulers (repeatable, e.g. --scheduler-arg=--executor=sim)",
     )
     pol = parser.add_argument_group("dispatch policy")
-    pol.add_argument("--policy", choices=POLICIES, default=Policy.WORK_OVER_THROUGHPUT.value)
+    pol.add_argument("--policy", choices=POLICIES, default=Policy.REQUESTS_THEN_WORK.value)
     pol.add_argument("--refresh-interval-ms", type=float, default=20.0)
     pol.add_argument("--stale-policy", choices=[s.value for s in StalePolicy], default="saturated")
     pol.add_argument("--stale-after-s", type=float, default=DEFAULT_STALE_AFTER_S)
@@ -100,16 +100,22 @@ def make_dispatcher(
 
 
 def summary(run: TraceRun, dp_size: int) -> dict[str, Any]:
-    """Counts, imbalance and latency percentiles of a trace run, JSON-ready."""
+    """Counts, imbalance and latency percentiles of a trace run, JSON-ready.
+
+    ``finished`` and the latencies count successful results only; ``failed`` counts the rest
+    (requests lost with a dead or restarted rank, or refused by a scheduler).
+    """
     per_rank = [0] * dp_size
-    for fin in run.finished:
+    done = [fin for fin in run.finished if fin.status == "ok"]
+    for fin in done:
         if 0 <= fin.dp_rank < dp_size:
             per_rank[fin.dp_rank] += 1
     mean_imb, max_imb = imbalance(run.samples)
     dispatch_imb, dispatch_max = imbalance(run.dispatch_samples)
     out: dict[str, Any] = {
         "dispatched": run.dispatched,
-        "finished": len(run.finished),
+        "finished": len(done),
+        "failed": len(run.finished) - len(done),
         "unfinished": run.unfinished,
         "duration_s": round(run.duration_s, 3),
         "per_rank_finished": per_rank,
@@ -119,7 +125,7 @@ def summary(run: TraceRun, dp_size: int) -> dict[str, Any]:
         "imbalance_at_dispatch_max": round(dispatch_max, 4),
     }
     for name in ("queue_time_s", "ttft_s", "e2e_s"):
-        values = sorted(getattr(f, name) for f in run.finished)
+        values = sorted(getattr(f, name) for f in done)
         for label, pct in (("p50", 0.50), ("p99", 0.99)):
             key = f"{name.removesuffix('_s')}_{label}_s"
             out[key] = values[min(len(values) - 1, int(pct * len(values)))] if values else None

@@ -9,6 +9,26 @@ a per-rank backlog, flushed in order, so dispatch sequences stay gap-free), ever
 on ``poll`` with a timeout, sockets use ``linger=0``. The control fan-out gives each rank its own
 deadline, keeps at most ``max_concurrency`` commands in flight, and returns a per-rank result,
 so one hung scheduler costs the call at most its timeout.
+
+Every request ends in exactly one result from :meth:`Controller.poll`. The controller keeps
+``rid -> (dispatch_seq, ...)`` per rank for the requests in flight. With a
+:class:`~dp_controller.budget.DPBudget` it also watches the ranks, once per budget refresh (never
+per request): a rank seen dead (its writer is gone) or with a new epoch (a restarted process
+lost what the old one held) has every request in flight on it reported as a
+``Finished(status="failed", reason=...)`` (:class:`FailureReason`), on the same path as the
+schedulers' results. Results already delivered are drained first, so a request finished just
+before its scheduler died is reported finished; the rank's request socket is then replaced, so
+what still waited in the pipe is dropped instead of being served by a restarted process. A
+scheduler's result that arrives after its request was reported failed (it was in transit) is
+dropped and counted in ``late_results``: no request is reported twice. A result is matched on
+``(dp_rank, rid, dispatch_seq)``, so another controller's result is never taken for one of ours
+(``unknown_results``).
+
+Taking over: a new controller against running schedulers (the previous one crashed or closed)
+reads each rank's ``last_accepted_dispatch_seq`` at start and continues that rank's numbering
+after it (:meth:`~dp_controller.ledger.DispatchLedger.rebase`), so the schedulers' contiguous
+acknowledgements cover the new requests at once instead of running ahead of a ledger that
+restarted at 1.
 """
 
 from __future__ import annotations
@@ -22,11 +42,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import msgspec
+import numpy as np
 import zmq
 
+from dp_controller.budget import DPBudget, RankHealth
 from dp_controller.dispatching import Clock, Dispatch, Dispatcher, monotonic_clock
 from dp_controller.workload import TraceRequest
-from loadsnap.errors import TransportError, UsageError
+from loadsnap.errors import LoadsnapError, TransportError, UsageError
+from loadsnap.reading import HotTable
 from scheduler.messages import (
     Control,
     ControlReply,
@@ -40,6 +63,7 @@ __all__ = [
     "ControlOutcome",
     "ControlResult",
     "Controller",
+    "FailureReason",
     "RankControlResult",
     "TraceRun",
     "imbalance",
@@ -49,6 +73,19 @@ log = logging.getLogger("dp_controller")
 
 _NS = 1_000_000_000
 DEFAULT_SNDHWM = 10_000
+# Requests reported failed that are remembered to tell a late result from an unknown one.
+MAX_REMEMBERED_FAILURES = 65_536
+
+
+class FailureReason(enum.Enum):
+    """Why the controller reported a request failed (``Finished.reason``)."""
+
+    RANK_DEAD = "rank_dead"  # the scheduler process is gone (its writer is dead)
+    RANK_RESTARTED = "rank_restarted"  # a new epoch: the old process's requests are gone
+
+
+# A request in flight: (dispatch_seq, prompt length, dispatch time in ns).
+_InFlight = tuple[int, int, int]
 
 
 class ControlOutcome(enum.Enum):
@@ -91,13 +128,14 @@ class TraceRun:
     """What :meth:`Controller.run_trace` observed."""
 
     dispatched: int
-    finished: list[Finished]
+    finished: list[Finished]  # every result, failed ones included (``status``)
     unfinished: int
     duration_s: float
     # (seconds since start, outstanding requests per rank), sampled while anything is outstanding
     samples: list[tuple[float, list[int]]] = field(default_factory=list)
     # the same, taken right after each batch of dispatches (what the policy decided)
     dispatch_samples: list[tuple[float, list[int]]] = field(default_factory=list)
+    failed: int = 0  # results whose status is not ok
 
 
 def imbalance(
@@ -121,10 +159,17 @@ def imbalance(
 class Controller:
     """Owns the sockets to every scheduler. Single owner; not thread-safe.
 
+    Every submitted request ends in exactly one result from :meth:`poll`: the scheduler's
+    ``Finished``, or, when its rank dies or restarts first, a ``Finished`` with
+    ``status="failed"`` and a :class:`FailureReason` value in ``reason`` (dead and restarted
+    ranks are watched only with a :class:`~dp_controller.DPBudget` dispatcher). A controller
+    started against running schedulers continues their dispatch numbering (module docstring).
+
     Parameters
     ----------
     dispatcher:
-        Chooses ranks (:class:`~dp_controller.DPBudget`, a baseline, ...).
+        Chooses ranks (:class:`~dp_controller.DPBudget`, a baseline, ...). A ``DPBudget`` should
+        be new: the controller reads its source at start to continue each rank's numbering.
     request_addrs:
         One ZMQ address per rank, where that rank's scheduler binds its request PULL.
     result_addr:
@@ -175,16 +220,13 @@ class Controller:
                     f"cannot bind result socket: {exc} (addr={result_addr})"
                 ) from exc
             for addr in request_addrs:
-                push = self._ctx.socket(zmq.PUSH)
-                push.setsockopt(zmq.LINGER, 0)
-                push.setsockopt(zmq.SNDHWM, send_hwm)
-                push.connect(addr)
-                self._pushes.append(push)
+                self._pushes.append(self._connect(addr, send_hwm))
         except BaseException:
             self.close()
             raise
         self.result_addr = result_addr
         self.request_addrs = list(request_addrs)
+        self._send_hwm = send_hwm
         self._poller = zmq.Poller()
         self._poller.register(self._pull, zmq.POLLIN)
         n = dispatcher.dp_size
@@ -193,9 +235,33 @@ class Controller:
         self._command_ids = itertools.count(1)
         self._finished: list[Finished] = []
         self._replies: list[ControlReply] = []
-        self.outstanding = [0] * n  # dispatched and not finished, per rank
+        self.outstanding = [0] * n  # dispatched and not finished (nor reported failed), per rank
+        self._inflight: list[dict[int, _InFlight]] = [{} for _ in range(n)]
+        self._failed: dict[int, tuple[int, int]] = {}  # rid -> (rank, seq), the latest failures
         self.bad_messages = 0
         self.stray_replies = 0
+        self.failed_requests = 0  # reported failed by this controller (dead or restarted rank)
+        self.late_results = 0  # a scheduler's result for a request already reported failed
+        self.unknown_results = 0  # a result for no request of ours (e.g. a previous controller's)
+        # Per rank, the acknowledged sequence this controller's numbering continued after.
+        self.takeover_seqs = [0] * n
+        self._budget = dispatcher if isinstance(dispatcher, DPBudget) else None
+        # What the rank watch last saw: the budget's refresh count and each rank's epoch.
+        self._epochs = np.zeros(n, dtype=np.uint64)
+        self._seen_refreshes = -1
+        if self._budget is not None:
+            try:
+                self._take_over(self._budget)
+            except BaseException:
+                self.close()
+                raise
+
+    def _connect(self, addr: str, send_hwm: int) -> zmq.Socket[bytes]:
+        push = self._ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.setsockopt(zmq.SNDHWM, send_hwm)
+        push.connect(addr)
+        return push
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -221,6 +287,105 @@ class Controller:
     def dp_size(self) -> int:
         """Number of ranks."""
         return len(self.outstanding)
+
+    # --- rank watch -------------------------------------------------------------------------
+
+    def _take_over(self, budget: DPBudget) -> None:
+        """Continue each rank's numbering after what its scheduler already acknowledged."""
+        table: HotTable | None = None
+        try:
+            table = budget.source.hot_table()
+        except LoadsnapError as exc:
+            log.debug("no load source at start, numbering from 1: %s", exc)
+        if table is not None and table.dp_size == self.dp_size:
+            ledger = budget.ledger
+            acks = table.last_accepted_dispatch_seq
+            for rank in np.flatnonzero(table.valid).tolist():
+                ack = int(acks[rank])
+                if ack > ledger.issued(rank):
+                    ledger.rebase(rank, ack)
+                    self.takeover_seqs[rank] = ack
+            if any(self.takeover_seqs):
+                log.info("continuing dispatch numbering: after=%s", self.takeover_seqs)
+        # Acknowledgements at or below the new floor are ignored: no clamping is counted.
+        budget.refresh(force=True)
+        self._seen_refreshes = budget.stats.refreshes
+        self._epochs = budget.epochs
+
+    def _watch(self, budget: DPBudget) -> None:
+        """After a budget refresh: fail what dead or restarted ranks held (the budget's view:
+        its health, and its last accepted epoch per rank; 0 before a rank's first record)."""
+        self._seen_refreshes = budget.stats.refreshes
+        epochs = budget.epochs
+        known = self._epochs
+        restarted = (epochs != known) & (known != 0)
+        self._epochs = epochs
+        dead = budget.health == RankHealth.DEAD
+        lost = dead | restarted
+        if not lost.any():
+            return
+        ranks = [r for r in np.flatnonzero(lost).tolist() if self._inflight[r]]
+        if not ranks:
+            return
+        # Results already delivered count as finished: take them before declaring the rest.
+        self._drain()
+        for rank in ranks:
+            reason = FailureReason.RANK_DEAD if dead[rank] else FailureReason.RANK_RESTARTED
+            self._fail_rank(rank, reason)
+
+    def _fail_rank(self, rank: int, reason: FailureReason) -> None:
+        pending = self._inflight[rank]
+        if not pending:
+            return
+        now = self._clock()
+        failed, out = self._failed, self._finished
+        for rid, (seq, prompt_len, t0) in pending.items():
+            out.append(
+                Finished(
+                    rid=rid,
+                    dp_rank=rank,
+                    dispatch_seq=seq,
+                    prompt_len=prompt_len,
+                    output_len=0,
+                    cached_tokens=0,
+                    queue_time_s=0.0,
+                    ttft_s=0.0,
+                    e2e_s=max(0, now - t0) / _NS,
+                    status="failed",
+                    reason=reason.value,
+                )
+            )
+            failed[rid] = (rank, seq)
+        while len(failed) > MAX_REMEMBERED_FAILURES:
+            del failed[next(iter(failed))]
+        count = len(pending)
+        pending.clear()
+        # What still waits in the pipe was just reported failed: a new socket drops it, so a
+        # restarted process does not serve it (its result would only be dropped as late).
+        self._backlog[rank].clear()
+        self._pushes[rank].close(linger=0)
+        self._pushes[rank] = self._connect(self.request_addrs[rank], self._send_hwm)
+        self.outstanding[rank] -= count
+        self.failed_requests += count
+        log.warning(
+            "reported in-flight requests failed: dp_rank=%d count=%d reason=%s",
+            rank,
+            count,
+            reason.value,
+        )
+
+    def _take_result(self, message: Finished) -> None:
+        rank, rid = message.dp_rank, message.rid
+        entry = self._inflight[rank].get(rid) if rank < self.dp_size else None
+        if entry is None or entry[0] != message.dispatch_seq:
+            if self._failed.get(rid) == (rank, message.dispatch_seq):
+                self.late_results += 1
+            else:
+                self.unknown_results += 1
+            return
+        del self._inflight[rank][rid]
+        self.outstanding[rank] -= 1
+        self._finished.append(message)
 
     # --- sending ----------------------------------------------------------------------------
 
@@ -283,30 +448,50 @@ class Controller:
             raise UsageError(f"dp_rank out of range: dp_rank={rank} dp_size={self.dp_size}")
         est = len(prompt) + max_new_tokens if est_tokens is None else est_tokens
         decision = self.dispatcher.dispatch(est, rank)
+        budget = self._budget
+        if budget is not None and budget.stats.refreshes != self._seen_refreshes:
+            self._watch(budget)  # before this request is in flight: it went to the live process
         rid = next(self._rids)
+        now = self._clock()
         request = Request(
             rid=rid,
             dispatch_seq=decision.seq,
             prompt=prompt,
             max_new_tokens=max_new_tokens,
-            dispatched_mono_ns=self._clock(),
+            dispatched_mono_ns=now,
             pinned=rank is not None,
         )
         self._send(decision.rank, encode_message(request))
+        self._inflight[decision.rank][rid] = (decision.seq, len(prompt), now)
         self.outstanding[decision.rank] += 1
         return rid, decision
+
+    def in_flight(self, rank: int) -> list[int]:
+        """The rids dispatched to ``rank`` with no result yet, oldest first."""
+        return list(self._inflight[rank])
 
     # --- receiving --------------------------------------------------------------------------
 
     def _receive(self, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` for one message, then drain what is ready; True if any."""
-        pull = self._pull
-        if pull is None:
+        """Wait up to ``timeout_s`` for one message, drain what is ready, then watch the ranks
+        (refreshing the budget if its interval passed); True if any message came."""
+        if self._pull is None:
             raise UsageError("controller is closed")
         for rank, backlog in enumerate(self._backlog):
             if backlog:
                 self._flush(rank)
-        if not self._poller.poll(max(0, int(timeout_s * 1000))):
+        got = bool(self._poller.poll(max(0, int(timeout_s * 1000)))) and self._drain()
+        budget = self._budget
+        if budget is not None:
+            budget.refresh()
+            if budget.stats.refreshes != self._seen_refreshes:
+                self._watch(budget)
+        return got
+
+    def _drain(self) -> bool:
+        """Take every message that is ready, without waiting; True if any."""
+        pull = self._pull
+        if pull is None:
             return False
         got = False
         while True:
@@ -321,14 +506,22 @@ class Controller:
                 self.bad_messages += 1
                 continue
             if isinstance(message, Finished):
-                if 0 <= message.dp_rank < self.dp_size:
-                    self.outstanding[message.dp_rank] -= 1
-                self._finished.append(message)
+                self._take_result(message)
             else:
                 self._replies.append(message)
 
     def poll(self, timeout_s: float = 0.0) -> list[Finished]:
-        """Finished requests received so far (waiting up to ``timeout_s`` if there are none)."""
+        """Results so far, waiting up to ``timeout_s`` if there are none.
+
+        Each submitted request appears exactly once: its scheduler's ``Finished``, or one made
+        by the controller with ``status="failed"`` and ``reason`` set (a
+        :class:`FailureReason` value) when its rank died or restarted first.
+
+        Raises
+        ------
+        UsageError
+            The controller is closed.
+        """
         if not self._finished:
             self._receive(timeout_s)
         else:
@@ -454,4 +647,5 @@ class Controller:
             duration_s=time.monotonic() - start,
             samples=samples,
             dispatch_samples=dispatch_samples,
+            failed=sum(1 for f in finished if f.status != "ok"),
         )

@@ -19,6 +19,10 @@ A restarted scheduler (new epoch) lost whatever the old process held: :meth:`res
 the rank's entries and sets a floor at the last issued sequence. Numbering continues (sequences
 are never reused), so the new process acknowledges from the floor and a late snapshot of the old
 epoch cannot acknowledge new requests.
+
+A new controller taking over running schedulers continues each rank's numbering after the
+acknowledgement it reads (:meth:`rebase`), so the scheduler's contiguous acknowledgement goes on
+covering the new requests instead of running ahead of a ledger that restarted at 1.
 """
 
 from __future__ import annotations
@@ -154,6 +158,34 @@ class DispatchLedger:
         self.unacked_count[rank] = 0
         self.unacked_tokens[rank] = 0
         self.stats.resets += 1
+        self.stats.reset_dropped += dropped
+        return dropped
+
+    def rebase(self, rank: int, seq: int) -> int:
+        """Continue the numbering of ``rank`` after ``seq`` (a new controller taking over a
+        running scheduler that already acknowledged ``seq``).
+
+        Drops every unacknowledged entry of ``rank`` (counted in ``stats.reset_dropped``) and
+        sets both the last issued sequence and the acknowledgement floor to ``seq``: the next
+        :meth:`record` returns ``seq + 1``. Returns the number of entries dropped.
+
+        Raises
+        ------
+        UsageError
+            ``rank`` out of range, or ``seq`` below the last issued sequence (never reused).
+        """
+        if not 0 <= rank < self.dp_size:
+            raise UsageError(f"dp_rank out of range: dp_rank={rank} dp_size={self.dp_size}")
+        if seq < self._issued[rank]:
+            raise UsageError(
+                f"rebase below the issued sequence: seq={seq} issued={self._issued[rank]}"
+            )
+        entries = self._tokens[rank]
+        dropped = len(entries)
+        entries.clear()
+        self._issued[rank] = self._acked[rank] = seq
+        self.count_list[rank] = self.tokens_list[rank] = 0
+        self.unacked_count[rank] = self.unacked_tokens[rank] = 0
         self.stats.reset_dropped += dropped
         return dropped
 

@@ -1,16 +1,19 @@
-"""``RequestAccount``: every submitted request ends finished or reported failed, never lost.
+"""``RequestAccount``: an independent audit that every request ends finished or failed, once.
 
 Theory of operation
 -------------------
-:class:`~dp_controller.controller.Controller` counts outstanding requests per rank, but not
-which ones: when a scheduler dies, the requests it held would vanish without a trace. The
-account keeps ``rid -> rank`` for every request between :meth:`RequestAccount.submitted` and
-:meth:`RequestAccount.finished`. When the budget reports a rank dead,
-:meth:`RequestAccount.fail_ranks` moves that rank's outstanding requests to ``failed`` (with the
-reason) so the caller can retry or report them. A ``Finished`` that arrives later for a request
-already failed (it was still in a socket buffer and a restarted scheduler served it) is counted
-in ``late_finished`` and not counted twice. The invariant, checked by
-:meth:`RequestAccount.lost`: ``submitted == finished + failed + pending``.
+:class:`~dp_controller.controller.Controller` itself reports the requests of a dead or
+restarted rank as failed (``Finished(status="failed", reason=...)`` from ``poll``). The account
+checks that claim from the outside: it keeps ``rid -> rank`` for every request between
+:meth:`RequestAccount.submitted` and the one result it must get (:meth:`RequestAccount.finished`,
+which files a non-``ok`` status under ``failed`` with its reason). A second result for the same
+request is counted in ``duplicates`` (it must stay zero), a result for a rid it never saw in
+``unknown_finished``. The invariant, checked by :meth:`RequestAccount.lost`:
+``submitted == finished + failed + pending``.
+
+:meth:`RequestAccount.fail_ranks` (with :func:`dead_ranks`) remains for callers that drive a
+dispatcher without a controller: it moves a rank's pending requests to ``failed`` by hand, and a
+result that arrives later for one of them is counted in ``late_finished``, not twice.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class LossSummary(msgspec.Struct, frozen=True):
     late_finished: int
     unknown_finished: int
     lost: int
+    duplicates: int = 0
 
 
 def dead_ranks(budget: DPBudget) -> list[int]:
@@ -61,8 +65,11 @@ class RequestAccount:
         self.failed: dict[int, str] = {}  # rid -> reason
         self.submitted_count = 0
         self.finished_count = 0
-        self.late_finished = 0  # finished after being reported failed
+        self.late_finished = 0  # finished after fail_ranks reported it failed
+        self.duplicates = 0  # a second result for a request that already had one
         self.unknown_finished = 0  # a rid this account never saw (e.g. a previous controller's)
+        self._done: set[int] = set()  # rids with an ok result
+        self._manual: set[int] = set()  # rids failed by fail_ranks (a late result is expected)
 
     def submitted(self, rid: int, rank: int) -> None:
         """Record a dispatch of ``rid`` to ``rank``.
@@ -78,15 +85,23 @@ class RequestAccount:
         self.submitted_count += 1
 
     def finished(self, message: Finished) -> None:
-        """Record a ``Finished`` (any status) from a scheduler."""
+        """Record a result from ``Controller.poll``: ``ok`` is finished, any other status failed."""
         rid = message.rid
         for pending in self._pending:
             if rid in pending:
                 del pending[rid]
-                self.finished_count += 1
+                if message.status == "ok":
+                    self.finished_count += 1
+                    self._done.add(rid)
+                else:
+                    reason = message.reason or message.status
+                    self.failed[rid] = f"{reason}: dp_rank={message.dp_rank}"
                 return
-        if rid in self.failed:
+        if rid in self._manual:
+            self._manual.discard(rid)
             self.late_finished += 1
+        elif rid in self._done or rid in self.failed:
+            self.duplicates += 1
         else:
             self.unknown_finished += 1
 
@@ -97,6 +112,7 @@ class RequestAccount:
             pending = self._pending[rank]
             for rid in pending:
                 self.failed[rid] = f"{reason}: dp_rank={rank}"
+                self._manual.add(rid)
                 out.append(rid)
             pending.clear()
         return out
@@ -121,4 +137,5 @@ class RequestAccount:
             late_finished=self.late_finished,
             unknown_finished=self.unknown_finished,
             lost=self.lost(),
+            duplicates=self.duplicates,
         )

@@ -9,7 +9,17 @@ requests it sends to each rank 1, 2, 3, ... without gaps (per rank). A scheduler
 request in its published numbers once it is queued or running; it reports in
 ``LoadSnapshot.last_accepted_dispatch_seq`` the highest ``dispatch_seq`` such that every
 request up to it (from the first it ever received, minus one) is counted. Requests may be
-counted out of order; the acknowledgement only advances contiguously.
+counted out of order; the acknowledgement only advances contiguously. A controller that takes
+over running schedulers (the previous one crashed or closed) continues each rank's numbering
+after the ``last_accepted_dispatch_seq`` it reads, so the acknowledgement never has to restart.
+
+Every :class:`Request` ends in exactly one :class:`Finished` for the controller's caller. The
+controller makes one itself, with ``status="failed"`` and a ``reason``, for the requests a dead
+or restarted scheduler took with it; a scheduler's own ``Finished`` for such a request, if one
+still arrives, is dropped.
+
+Compatibility: fields are only ever appended, with defaults, and unknown fields are ignored, so
+an older peer decodes a newer peer's messages.
 """
 
 from __future__ import annotations
@@ -65,6 +75,7 @@ class Finished(msgspec.Struct, tag="fin", kw_only=True):
     ttft_s: float  # dispatch -> first output token
     e2e_s: float  # dispatch -> finished
     status: str = "ok"  # ok | aborted | failed
+    reason: str = ""  # why, when not ok: e.g. rank_dead, rank_restarted (set by the controller)
 
 
 class ControlReply(msgspec.Struct, tag="ctlr", kw_only=True):

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dp_controller import BudgetConfig, DPBudget, OverwriteBudget, Policy, StalePolicy
+from dp_controller.baselines import RoundRobinBaseline
 from dp_controller.fakes import FakeClock, FakeSource
 from dp_controller.workload import generate_trace, preset
 from loadsnap.errors import UsageError
@@ -53,7 +54,12 @@ def test_refresh_at_most_once_per_interval() -> None:
 
 
 def test_idle_ties_rotate_instead_of_rank_zero() -> None:
-    for policy in (Policy.TOTAL_REQUESTS, Policy.TOTAL_TOKENS, Policy.WORK_OVER_THROUGHPUT):
+    for policy in (
+        Policy.TOTAL_REQUESTS,
+        Policy.TOTAL_TOKENS,
+        Policy.WORK_OVER_THROUGHPUT,
+        Policy.REQUESTS_THEN_WORK,
+    ):
         budget, source, _ = _make(4, policy)
         _publish_all(source)
         picks = [budget.dispatch(0).rank for _ in range(8)]
@@ -198,6 +204,104 @@ def test_work_over_throughput_uses_rate_and_kv_pressure() -> None:
     assert budget.dispatch(10).rank == 2
 
 
+def test_requests_then_work_keeps_requests_level_then_takes_the_least_work() -> None:
+    budget, source, _ = _make(3, Policy.REQUESTS_THEN_WORK, refresh_interval_s=0.0)
+    for rank, (reqs, tokens) in enumerate([(1, 100), (3, 10), (2, 5000)]):
+        source.publish(
+            rank, num_running_reqs=reqs, num_total_tokens=tokens, max_total_num_tokens=100_000
+        )
+    budget.refresh()
+    # Rank 1 has the least work but two requests more than rank 0: not eligible.
+    assert budget.scores(10)[1] == float("inf")
+    # 1: ranks 0 and 2 eligible, 0 has less work. 2: the fewest is now 2, so every rank is
+    # eligible and rank 1's small work wins. 3, 4: rank 1 (4) is out again, 0 beats 2 on work.
+    # 5: only rank 2 is within the slack of the fewest.
+    assert [budget.dispatch(10).rank for _ in range(5)] == [0, 1, 0, 0, 2]
+    assert budget.budget_requests().tolist() == [4, 4, 3]
+
+
+def test_requests_then_work_slack_zero_is_fewest_requests_first() -> None:
+    budget, source, _ = _make(3, Policy.REQUESTS_THEN_WORK, refresh_interval_s=0.0, request_slack=0)
+    source.publish(0, num_running_reqs=2, num_total_tokens=0, max_total_num_tokens=1000)
+    source.publish(1, num_running_reqs=1, num_total_tokens=900, max_total_num_tokens=1000)
+    source.publish(2, num_running_reqs=1, num_total_tokens=500, max_total_num_tokens=1000)
+    assert [budget.dispatch(1).rank for _ in range(3)] == [2, 1, 0]
+
+
+def test_requests_then_work_leaves_a_rank_that_stops_acknowledging() -> None:
+    # A killed scheduler acknowledges nothing: its budget only grows while the others drain.
+    budget, source, clock = _make(4, Policy.REQUESTS_THEN_WORK)
+    _publish_all(source)
+    sent = [0] * 4
+    acked = [0] * 4
+    for _ in range(40):
+        d = budget.dispatch(50)
+        sent[d.rank] = d.seq
+        clock.advance(0.02)
+        for rank in (0, 1, 2):  # rank 3 is gone: it never publishes again
+            acked[rank] = sent[rank]
+            source.publish(rank, last_accepted_dispatch_seq=acked[rank])  # served at once
+    assert sent[3] <= 2
+
+
+def test_power_of_two_spreads_a_burst_at_large_dp_and_avoids_unusable_ranks() -> None:
+    budget, source, clock = _make(256, Policy.POWER_OF_TWO, seed=7)
+    _publish_all(source, max_total_num_tokens=10_000)
+    source.dead[5] = True
+    clock.advance(2.0)  # every rank stale ...
+    for rank in range(256):
+        if rank not in (5, 9):
+            source.publish(rank, max_total_num_tokens=10_000)
+    counts = Counter(budget.dispatch(10).rank for _ in range(2560))
+    assert 5 not in counts and 9 not in counts  # ... but 9 (stale) and 5 (dead) are excluded
+    assert max(counts.values()) - min(counts.values()) <= 6  # one random choice: about 18
+
+
+def test_power_of_two_is_reproducible_for_a_seed() -> None:
+    def picks(seed: int) -> list[int]:
+        budget, source, _ = _make(8, Policy.POWER_OF_TWO, seed=seed)
+        _publish_all(source)
+        return [budget.dispatch(1).rank for _ in range(40)]
+
+    assert picks(7) == picks(7)
+    assert picks(7) != picks(8)
+
+
+def test_power_of_two_takes_the_better_of_its_pair() -> None:
+    budget, source, _ = _make(2, Policy.POWER_OF_TWO, refresh_interval_s=0.0)
+    source.publish(0, num_running_reqs=5, max_total_num_tokens=1000)
+    source.publish(1, num_running_reqs=0, max_total_num_tokens=1000)
+    assert [budget.dispatch(1).rank for _ in range(4)] == [1, 1, 1, 1]  # 0, 1, 2, 3 < 5 - 1
+    source.publish(0, num_running_reqs=0, num_total_tokens=0, max_total_num_tokens=1000)
+    source.publish(1, num_running_reqs=0, num_total_tokens=800, max_total_num_tokens=1000)
+    budget.refresh()
+    assert budget.dispatch(1).rank == 0  # same requests (within the slack): less work wins
+
+
+def test_epochs_are_a_copy_of_the_accepted_epochs() -> None:
+    budget, source, _ = _make(2, refresh_interval_s=0.0)
+    source.publish(0, epoch=3)
+    budget.refresh()
+    epochs = budget.epochs
+    assert epochs.tolist() == [3, 0]
+    epochs[0] = 99
+    assert budget.epochs.tolist() == [3, 0]
+
+
+def test_round_robin_baseline_reads_nothing_and_numbers_each_rank() -> None:
+    base = RoundRobinBaseline(3)
+    picks = [base.dispatch(1) for _ in range(4)]
+    assert [d.rank for d in picks] == [0, 1, 2, 0]
+    assert [d.seq for d in picks] == [1, 1, 1, 2]
+    assert base.dispatch(1, rank=2).seq == 2  # pinned: numbered, the turn does not move
+    assert base.dispatch(1).rank == 1
+    assert not base.refresh(force=True)
+    with pytest.raises(UsageError, match="dp_rank=3"):
+        base.dispatch(1, rank=3)
+    with pytest.raises(UsageError, match="dp_size"):
+        RoundRobinBaseline(0)
+
+
 def test_warns_when_publish_period_exceeds_staleness_budget(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -216,6 +320,8 @@ def test_warns_when_publish_period_exceeds_staleness_budget(
 def test_config_and_workload_misuse() -> None:
     with pytest.raises(UsageError, match="refresh_interval_s"):
         BudgetConfig(refresh_interval_s=-1)
+    with pytest.raises(UsageError, match="request_slack=-1"):
+        BudgetConfig(request_slack=-1)
     with pytest.raises(UsageError, match="unknown workload"):
         preset("nope")
 
@@ -287,7 +393,14 @@ def test_budget_is_reported_plus_unacknowledged(ops: list[tuple[str, int, int]])
 
 @settings(max_examples=100, deadline=None)
 @given(
-    st.sampled_from([Policy.TOTAL_REQUESTS, Policy.TOTAL_TOKENS, Policy.WORK_OVER_THROUGHPUT]),
+    st.sampled_from(
+        [
+            Policy.TOTAL_REQUESTS,
+            Policy.TOTAL_TOKENS,
+            Policy.WORK_OVER_THROUGHPUT,
+            Policy.REQUESTS_THEN_WORK,
+        ]
+    ),
     st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3000), st.integers(0, 5)), max_size=30),
     st.integers(0, 500),
 )

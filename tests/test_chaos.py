@@ -1,11 +1,12 @@
 """Chaos on a running deployment: real scheduler processes, a real HTTP server, real signals.
 
 * SIGKILL a scheduler mid-run: ``/v1/loads`` reports it dead within the staleness budget, the
-  controller stops sending to it, every request ends finished or reported failed
-  (:class:`~dp_controller.loss.RequestAccount`), and a restarted scheduler rejoins with a new
-  epoch.
+  controller stops sending to it and itself reports every request the rank held as failed
+  (``Controller.poll``), each request gets exactly one result, and a restarted scheduler
+  rejoins with a new epoch and gets work again.
 * SIGSTOP a reader process, then a scheduler: the others keep publishing, HTTP keeps answering.
-* SIGKILL a controller process: the schedulers keep publishing; a new controller picks up.
+* SIGKILL a controller process: the schedulers keep publishing; a new controller continues each
+  rank's dispatch numbering after the scheduler's acknowledgement (nothing clamped) and picks up.
 
 Every process is killed in ``finally`` (the fleet sends SIGCONT first); every wait polls a
 condition with a deadline. Figures are printed as ``FIGURES {json}`` and, when
@@ -24,10 +25,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from dp_controller import BudgetConfig, DPBudget, Policy
-from dp_controller.controller import Controller
+from dp_controller.controller import Controller, FailureReason
 from dp_controller.fleet import SchedulerFleet
 from dp_controller.loss import RequestAccount, dead_ranks
 from loadsnap import ShmReader, SlotStatus
@@ -117,6 +119,35 @@ def http(instance: str) -> Iterator[httpx.Client]:
         server.stop()
 
 
+class Results:
+    """Every result ``Controller.poll`` gave, by rid; a second result for a rid is a duplicate."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+        self.rank_of: dict[int, int] = {}  # rid -> rank it was dispatched to
+        self.by_rid: dict[int, Finished] = {}
+        self.duplicates = 0
+
+    def submit(self, n: int) -> list[int]:
+        ranks = []
+        for _ in range(n):
+            rid, decision = self.controller.submit(PROMPT, NEW_TOKENS)
+            self.rank_of[rid] = decision.rank
+            ranks.append(decision.rank)
+        return ranks
+
+    def pump(self, timeout_s: float = 0.0) -> int:
+        """Take results; return how many submitted requests have none yet."""
+        for message in self.controller.poll(timeout_s):
+            if message.rid in self.by_rid:
+                self.duplicates += 1
+            self.by_rid[message.rid] = message
+        return len(self.rank_of) - len(self.by_rid)
+
+    def of(self, rank: int, status: str) -> list[Finished]:
+        return [f for f in self.by_rid.values() if f.dp_rank == rank and f.status == status]
+
+
 def test_sigkill_scheduler_dead_no_loss_and_rejoin(
     fleet: SchedulerFleet, http: httpx.Client
 ) -> None:
@@ -126,53 +157,59 @@ def test_sigkill_scheduler_dead_no_loss_and_rejoin(
         policy=Policy.TOTAL_REQUESTS, refresh_interval_s=0.02, stale_after_s=STALE_S
     )
     budget = DPBudget(reader, config, dp_size=fleet.dp_size)
-    account = RequestAccount(fleet.dp_size)
     controller = Controller(budget, fleet.request_addrs, fleet.result_addr)
+    results = Results(controller)
     try:
-
-        def submit(n: int) -> list[int]:
-            ranks = []
-            for _ in range(n):
-                rid, decision = controller.submit(PROMPT, NEW_TOKENS)
-                account.submitted(rid, decision.rank)
-                ranks.append(decision.rank)
-            return ranks
-
-        def pump(timeout_s: float = 0.0) -> int:
-            """Take finished requests into the account; return what is still pending."""
-            for message in controller.poll(timeout_s):
-                account.finished(message)
-            return account.pending()
-
         old_epoch = reader.read_all()[victim].epoch
-        submit(30)  # every rank busy
-        assert wait_until(lambda: pump(0.01) >= 0 and account.pending(victim) > 0)
-        in_flight_at_kill = account.pending(victim)
+        results.submit(30)  # every rank busy
+
+        def victim_running() -> bool:
+            results.pump(0.005)
+            snap = reader.read_all()[victim].snapshot
+            return snap is not None and snap.num_running_reqs > 0
+
+        assert wait_until(victim_running)
+        in_flight_at_kill = controller.outstanding[victim]
+        ok_before_kill = len(results.of(victim, "ok"))
+        assert in_flight_at_kill > 0
         fleet.procs[victim].kill()
         t_kill = time.monotonic()
-        # Keep dispatching while the budget and the HTTP endpoint notice.
-        http_dead_s = budget_dead_s = None
-        sent_after_dead = 0
-        while time.monotonic() - t_kill < WAIT_S and (http_dead_s is None or budget_dead_s is None):
-            ranks = submit(2)
-            if budget_dead_s is not None:
+        # Keep dispatching while the budget, the controller and the HTTP endpoint notice.
+        http_dead_s = budget_dead_s = reported_s = None
+        sent_before_dead = sent_after_dead = 0
+        while time.monotonic() - t_kill < WAIT_S and (
+            http_dead_s is None or budget_dead_s is None or reported_s is None
+        ):
+            ranks = results.submit(2)
+            if budget_dead_s is None:
+                sent_before_dead += ranks.count(victim)
+            else:
                 sent_after_dead += ranks.count(victim)
-            pump(0.005)
+            results.pump(0.005)
             if budget_dead_s is None and victim in dead_ranks(budget):
                 budget_dead_s = time.monotonic() - t_kill
-                account.fail_ranks(dead_ranks(budget))
+            if reported_s is None and results.of(victim, "failed"):
+                reported_s = time.monotonic() - t_kill
             if http_dead_s is None and rank_status(http, victim) == "dead":
                 http_dead_s = time.monotonic() - t_kill
         assert http_dead_s is not None and http_dead_s <= STALE_S, http_dead_s
         assert budget_dead_s is not None and budget_dead_s <= STALE_S, budget_dead_s
+        assert reported_s is not None and reported_s <= STALE_S, reported_s
         # The controller stops sending to the dead rank.
-        after = submit(60)
+        after = results.submit(60)
         sent_after_dead += after.count(victim)
         assert sent_after_dead == 0
-        account.fail_ranks(dead_ranks(budget))  # anything dispatched before the refresh
-        assert wait_until(lambda: pump(0.02) == 0), account.summary()
-        before_restart = account.summary()
-        assert before_restart.lost == 0 and before_restart.failed >= 1
+        assert wait_until(lambda: results.pump(0.02) == 0), controller.outstanding
+        # Every request has exactly one result; the failed ones are exactly what the dead rank
+        # held: in flight at the kill, plus what was sent before the death was seen, minus
+        # results that were already on their way.
+        failed = results.of(victim, "failed")
+        ok_after_kill = len(results.of(victim, "ok")) - ok_before_kill
+        assert results.duplicates == 0 and controller.outstanding[victim] == 0
+        assert len(failed) == in_flight_at_kill + sent_before_dead - ok_after_kill
+        assert len(failed) == controller.failed_requests >= 1
+        assert {f.reason for f in failed} == {FailureReason.RANK_DEAD.value}
+        assert all(f.status == "ok" for f in results.by_rid.values() if f.dp_rank != victim)
         # /healthz and the other ranks keep answering.
         assert http.get("/healthz").status_code == 200
         # Restart: the new process reclaims the dead writer's slot with a new epoch.
@@ -188,31 +225,35 @@ def test_sigkill_scheduler_dead_no_loss_and_rejoin(
 
         assert wait_until(rejoined)
         rejoin_s = time.monotonic() - t_restart
-        assert wait_until(lambda: (budget.refresh(force=True), victim not in dead_ranks(budget))[1])
+        assert wait_until(lambda: (results.pump(0.01), victim not in dead_ranks(budget))[1])
         assert rank_status(http, victim) == "fresh"
         assert budget.stats.epoch_resets >= 1
-        back = submit(30)
-        assert back.count(victim) >= 1  # it gets work again
-        assert wait_until(lambda: pump(0.02) == 0), account.summary()
-        final = account.summary()
-        assert final.lost == 0 and final.pending == 0
-        assert final.submitted == final.finished + final.failed
+        back = results.submit(30)
+        assert back.count(victim) >= 1, budget.budget_requests()  # it gets work again
+        assert wait_until(lambda: results.pump(0.02) == 0), controller.outstanding
+        # The new incarnation served its requests; nothing more was reported failed.
+        assert len(results.of(victim, "ok")) - ok_before_kill - ok_after_kill >= back.count(victim)
+        assert controller.failed_requests == len(failed) and results.duplicates == 0
+        assert sum(controller.outstanding) == 0
         report(
             "chaos_sigkill",
             {
                 "http_dead_after_s": round(http_dead_s, 4),
                 "budget_dead_after_s": round(budget_dead_s, 4),
+                "failed_reported_after_s": round(reported_s, 4),
                 "staleness_budget_s": STALE_S,
                 "in_flight_on_victim_at_kill": in_flight_at_kill,
+                "dispatched_to_victim_before_dead_seen": sent_before_dead,
                 "dispatches_to_dead_rank": sent_after_dead,
                 "rejoin_s": round(rejoin_s, 3),
                 "dispatches_to_rejoined_rank": back.count(victim),
                 "epoch_resets": budget.stats.epoch_resets,
-                "submitted": final.submitted,
-                "finished": final.finished,
-                "reported_failed": final.failed,
-                "late_finished": final.late_finished,
-                "lost": final.lost,
+                "submitted": len(results.rank_of),
+                "finished": sum(1 for f in results.by_rid.values() if f.status == "ok"),
+                "reported_failed": len(failed),
+                "late_results_dropped": controller.late_results,
+                "duplicates": results.duplicates,
+                "lost": len(results.rank_of) - len(results.by_rid),
             },
         )
     finally:
@@ -326,9 +367,14 @@ from loadsnap import ShmReader
 instance, dp_size, result_addr = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 addrs = sys.argv[4:]
 reader = ShmReader(instance)
-controller = Controller(DPBudget(reader, dp_size=dp_size), addrs, result_addr)
+budget = DPBudget(reader, dp_size=dp_size)
+controller = Controller(budget, addrs, result_addr)
 for _ in range(40):
     controller.submit([5] * 64, 200)
+deadline = time.monotonic() + 30.0
+while budget.ledger.unacked_count.sum() > 0 and time.monotonic() < deadline:
+    controller.poll(0.01)  # every request reached its scheduler
+    budget.refresh(force=True)
 print("submitted", flush=True)
 deadline = time.monotonic() + 60.0
 while time.monotonic() < deadline:
@@ -366,31 +412,42 @@ def test_kill_controller_schedulers_keep_publishing_new_controller_picks_up(
         assert wait_until(lambda: all(a > b for a, b in zip(slot_seqs(reader), start, strict=True)))
         assert all(r.status is SlotStatus.FRESH for r in reader.read_all())
         assert all(p.poll() is None for p in fleet.procs)
-        # A new controller binds the same result address and gets work done.
+        # A new controller binds the same result address, continues each rank's numbering
+        # after what its scheduler acknowledged, and gets work done.
+        acks_before = [
+            r.snapshot.last_accepted_dispatch_seq for r in reader.read_all() if r.snapshot
+        ]
         budget = DPBudget(reader, BudgetConfig(stale_after_s=STALE_S), dp_size=fleet.dp_size)
         controller = Controller(budget, fleet.request_addrs, fleet.result_addr)
-        account = RequestAccount(fleet.dp_size)
-        for _ in range(30):
-            rid, decision = controller.submit(PROMPT, NEW_TOKENS)
-            account.submitted(rid, decision.rank)
+        assert controller.takeover_seqs == acks_before and sum(acks_before) == 40
+        results = Results(controller)
+        results.submit(30)
+        assert wait_until(lambda: results.pump(0.02) == 0), controller.outstanding
+        finished = [f for f in results.by_rid.values() if f.status == "ok"]
+        assert len(finished) == 30 and results.duplicates == 0
+        # Every new dispatch was acknowledged, none clamped: the budget counts nothing twice.
+        ledger = budget.ledger
 
-        def drained() -> bool:
-            assert controller is not None
-            for message in controller.poll(0.02):
-                account.finished(message)
-            return account.pending() == 0
+        def acknowledged() -> bool:
+            budget.refresh(force=True)
+            return int(ledger.unacked_count.sum()) == 0
 
-        assert wait_until(drained), account.summary()
-        summary = account.summary()
-        assert summary.lost == 0 and summary.finished == 30
+        assert wait_until(acknowledged), ledger.unacked_count
+        assert ledger.stats.overshoot_acks == 0
+        assert [ledger.acked(r) for r in range(fleet.dp_size)] == [
+            ledger.issued(r) for r in range(fleet.dp_size)
+        ]
+        assert sum(ledger.issued(r) - acks_before[r] for r in range(fleet.dp_size)) == 30
         report(
             "chaos_kill_controller",
             {
-                "new_controller_submitted": summary.submitted,
-                "new_controller_finished": summary.finished,
-                "old_controller_results_received": summary.unknown_finished,
-                "ledger_overshoot_acks": budget.ledger.stats.overshoot_acks,
-                "lost": summary.lost,
+                "old_controller_dispatched": sum(acks_before),
+                "new_controller_continued_after": acks_before,
+                "new_controller_submitted": len(results.rank_of),
+                "new_controller_finished": len(finished),
+                "old_controller_results_received": controller.unknown_results,
+                "ledger_overshoot_acks": ledger.stats.overshoot_acks,
+                "lost": len(results.rank_of) - len(results.by_rid),
             },
         )
     finally:
@@ -432,3 +489,18 @@ def test_request_account_reports_failed_and_late_without_double_counting() -> No
     assert account.failed[1] == "rank dead: dp_rank=1"
     with pytest.raises(UsageError):
         account.submitted(3, 2)
+
+
+def test_request_account_files_controller_failures_and_counts_duplicates() -> None:
+    account = RequestAccount(2)
+    for rid, rank in ((0, 0), (1, 1), (2, 1)):
+        account.submitted(rid, rank)
+    account.finished(_fin(0, 0))
+    failed = msgspec.structs.replace(_fin(1, 1), status="failed", reason="rank_dead")
+    account.finished(failed)
+    account.finished(_fin(1, 1))  # a second result for a request the controller failed
+    account.finished(_fin(0, 0))  # and for one that finished
+    summary = account.summary()
+    assert (summary.finished, summary.failed, summary.pending, summary.lost) == (1, 1, 1, 0)
+    assert (summary.duplicates, summary.late_finished) == (2, 0)
+    assert account.failed[1] == "rank_dead: dp_rank=1"

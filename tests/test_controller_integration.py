@@ -77,3 +77,47 @@ def test_control_fanout_survives_a_hung_scheduler(fleet: SchedulerFleet) -> None
             assert result.failed_ranks() == [2]
             unknown = controller.control("no_such_command", timeout_s=5.0)
             assert {r.outcome for r in unknown.ranks} == {ControlOutcome.FAILED}
+
+
+def test_new_controller_continues_numbering_and_ignores_old_results(fleet: SchedulerFleet) -> None:
+    """Close a controller with requests running; a new one picks up with nothing clamped."""
+    config = BudgetConfig(policy=Policy.TOTAL_REQUESTS, refresh_interval_s=0.02)
+    with ShmReader(fleet.instance) as reader:
+        first = DPBudget(reader, config, dp_size=4)
+        with Controller(first, fleet.request_addrs, fleet.result_addr) as old:
+            for _ in range(20):
+                old.submit([7] * 256, 8)
+            for _ in range(200):  # bounded: until every request reached its scheduler
+                first.refresh(force=True)
+                if int(first.ledger.unacked_count.sum()) == 0:
+                    break
+                old.poll(0.02)
+            assert int(first.ledger.unacked_count.sum()) == 0
+            issued = [first.ledger.issued(r) for r in range(4)]
+        # Closed with requests still queued or running; their results may reach the next one.
+        budget = DPBudget(reader, config, dp_size=4)
+        with Controller(budget, fleet.request_addrs, fleet.result_addr) as new:
+            assert new.takeover_seqs == issued
+            sent = {}
+            for _ in range(20):
+                rid, decision = new.submit([7] * 256, 8)
+                assert decision.seq > issued[decision.rank]
+                sent[rid] = decision
+            finished = []
+            for _ in range(400):  # bounded: at most ~40 s of 0.1 s polls
+                finished.extend(new.poll(0.1))
+                if len(finished) == 20:
+                    break
+            # Rids restart at 0 like the old controller's, yet only our own results come back.
+            assert sorted(f.rid for f in finished) == sorted(sent) == list(range(20))
+            assert all(
+                (f.status, f.dp_rank, f.dispatch_seq) == ("ok", *sent[f.rid]) for f in finished
+            )
+            assert new.unknown_results <= 20 and new.failed_requests == 0
+            for _ in range(100):
+                budget.refresh(force=True)
+                if int(budget.ledger.unacked_count.sum()) == 0:
+                    break
+                new.poll(0.05)
+            assert int(budget.ledger.unacked_count.sum()) == 0
+            assert budget.ledger.stats.overshoot_acks == 0

@@ -56,6 +56,23 @@ def test_reset_drops_entries_and_keeps_numbering() -> None:
     assert ledger.stats.as_dict()["reset_dropped"] == 2
 
 
+def test_rebase_continues_numbering_after_a_running_schedulers_ack() -> None:
+    ledger = DispatchLedger(2)
+    ledger.record(0, 5)
+    assert ledger.rebase(0, 40) == 1  # the unacknowledged entry is dropped
+    assert ledger.unacked_count.tolist() == [0, 0]
+    assert ledger.tokens_list == [0, 0]
+    assert (ledger.issued(0), ledger.acked(0)) == (40, 40)
+    assert ledger.record(0, 3) == 41
+    assert ledger.acknowledge(0, 39) == 0  # at or below the floor: nothing to drop
+    assert ledger.acknowledge(0, 41) == 1
+    assert ledger.stats.reset_dropped == 1
+    with pytest.raises(UsageError, match="seq=40 issued=41"):
+        ledger.rebase(0, 40)  # sequences are never reused
+    with pytest.raises(UsageError, match="dp_rank=2"):
+        ledger.rebase(2, 1)
+
+
 def test_misuse_raises_usage_error() -> None:
     with pytest.raises(UsageError, match="dp_size"):
         DispatchLedger(0)

@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--workload", default="poisson", help="poisson, bursty or tiny")
     parser.add_argument("--rate-rps", type=float, default=None, help="request rate override")
-    parser.add_argument("--policy", default="work_over_throughput", help="dispatch policy")
+    parser.add_argument("--policy", default="requests_then_work", help="dispatch policy")
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
     parser.add_argument(
         "--transport",
@@ -258,8 +258,7 @@ def _show(
     def frame() -> Group:
         footer = Text(
             f"dispatched {workload.submitted}  finished {workload.finished}  "
-            f"failed {workload.failed}  "
-            + ("Ctrl-C to stop" if deadline is None else "")
+            f"failed {workload.failed}  " + ("Ctrl-C to stop" if deadline is None else "")
         )
         return Group(render_table(reader.read_all(), title), footer)
 
