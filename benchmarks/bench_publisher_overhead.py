@@ -29,7 +29,9 @@ from typing import Any, Final
 from benchmarks._common import (
     BenchResult,
     Headline,
+    ReportSection,
     Table,
+    default_section,
     finish,
     fmt_us,
     latency_stats,
@@ -244,6 +246,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     measurements = measure(args.batch, args.calls, args.samples)
     finish(build_result(measurements, args.every), args_list, started, args.json)
     return 0
+
+
+# --- report hooks -----------------------------------------------------------------------------
+
+
+def summarize(result: dict[str, Any]) -> ReportSection:
+    """BENCHMARKS.md section: tables from the JSON plus what limits the publisher."""
+    section = default_section(result)
+    section.title = "Publisher overhead in a scheduler cycle"
+    m = result["data"]["measurements"]
+    every = result["data"]["every_n_cycles"]
+    every_cycle_share = (
+        100 * (m["publish"]["p50"] * 1e3 + m["on_cycle_not_due_ns"]) / (m["modelled_step_s"] * 1e9)
+    )
+    section.limits = (
+        f"A cycle that does not publish pays one counter check ({m['on_cycle_not_due_ns']:.0f} ns, "
+        f"against {m['empty_call_ns']:.0f} ns for an empty Python call): that is the floor. A "
+        f"publishing cycle costs {fmt_us(m['publish']['p50'])} µs, and "
+        f"{fmt_us(m['provider']['p50'])} µs of it is the provider building the snapshot from "
+        f"the engine's state in Python (batch {m['batch']}: counts, token usage, queue "
+        f"breakdowns); the write into shared memory is {fmt_us(m['writer']['p50'])} µs. So the "
+        "transport is no longer what limits publishing: the snapshot build is, and it is the "
+        f"same work the reference does before its flock write. Amortised at every {every} "
+        "cycles, both are a few hundredths of a percent of a decode step; publishing every "
+        f"cycle, for the freshest load, costs {every_cycle_share:.2f}% of a modelled step."
+    )
+    return section
 
 
 PLOT_CADENCES: Final[tuple[int, ...]] = (1, 15, 50)
