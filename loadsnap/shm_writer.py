@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from typing import Final
+from typing import Final, NoReturn
 
 import msgspec
 from msgspec.structs import astuple
@@ -212,7 +212,7 @@ class ShmWriter:
         self._words[self._seq_index] = seq  # one 8-byte store: complete and advertised
         self._seq = seq
 
-    def _reject(self, snapshot: LoadSnapshot) -> None:
+    def _reject(self, snapshot: LoadSnapshot) -> NoReturn:
         if snapshot.dp_rank != self.dp_rank:
             raise UsageError(f"dp_rank mismatch: writer={self.dp_rank} snapshot={snapshot.dp_rank}")
         raise UsageError(
@@ -223,7 +223,7 @@ class ShmWriter:
     def _publish_closed(self, snapshot: LoadSnapshot, seq: int) -> None:
         raise UsageError(f"writer is closed (segment={self._segment.name} dp_rank={self.dp_rank})")
 
-    def _refuse(self, payload_len: int) -> None:
+    def _refuse(self, payload_len: int) -> NoReturn:
         self.refused += 1
         self._words[self._ctrl + CTRL_REFUSED_OFFSET // 8] = self.refused
         raise PayloadTooLargeError(

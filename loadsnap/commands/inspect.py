@@ -10,6 +10,7 @@ from typing import Any
 
 from loadsnap._liveness import process_alive
 from loadsnap._segment import segment_path
+from loadsnap.commands import add_reader_options
 from loadsnap.metrics import slot_refused_counts
 from loadsnap.reading import DEFAULT_STALE_AFTER_S
 from loadsnap.shm_reader import SegmentUnavailableError, ShmReader
@@ -30,14 +31,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         epilog="Example: loadsnap inspect --instance demo --json",
     )
     parser.add_argument("--instance", default="demo", help="deployment instance name")
-    parser.add_argument("--shm-dir", default=None, help="segment directory (default /dev/shm)")
-    parser.add_argument(
-        "--stale-after",
-        type=float,
-        default=DEFAULT_STALE_AFTER_S,
-        metavar="SECONDS",
-        help=f"age after which a rank is stale (default {DEFAULT_STALE_AFTER_S})",
-    )
+    add_reader_options(parser)
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.set_defaults(func=run)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from loadsnap.commands import add_reader_options
 from loadsnap.errors import UsageError
-from loadsnap.reading import DEFAULT_STALE_AFTER_S
 from loadsnap.server import LOOPBACK_HOSTS
 
 
@@ -26,14 +26,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--instance", required=True, help="deployment instance name")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="bind port (default 8000)")
-    parser.add_argument("--shm-dir", default=None, help="segment directory (default /dev/shm)")
-    parser.add_argument(
-        "--stale-after",
-        type=float,
-        default=DEFAULT_STALE_AFTER_S,
-        metavar="SECONDS",
-        help=f"age after which a rank is stale (default {DEFAULT_STALE_AFTER_S})",
-    )
+    add_reader_options(parser)
     parser.add_argument(
         "--prefix",
         default="loadsnap_",

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from loadsnap.reading import DEFAULT_STALE_AFTER_S
+from loadsnap.commands import add_reader_options
 from loadsnap.shm_reader import SegmentUnavailableError, ShmReader
 
 
@@ -23,16 +23,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         epilog="Example: loadsnap top --instance demo   (Ctrl-C to quit)",
     )
     parser.add_argument("--instance", default="demo", help="deployment instance name")
-    parser.add_argument("--shm-dir", default=None, help="segment directory (default /dev/shm)")
+    add_reader_options(parser)
     parser.add_argument(
         "--interval", type=float, default=0.25, metavar="SECONDS", help="redraw period"
-    )
-    parser.add_argument(
-        "--stale-after",
-        type=float,
-        default=DEFAULT_STALE_AFTER_S,
-        metavar="SECONDS",
-        help=f"age after which a rank is stale (default {DEFAULT_STALE_AFTER_S})",
     )
     parser.add_argument("--once", action="store_true", help="print one frame and exit")
     parser.set_defaults(func=run)
