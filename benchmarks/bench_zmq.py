@@ -258,8 +258,11 @@ def measure_age(curve_dir: Path | None, samples: int, period_ms: float) -> dict[
             seen_ns = time.time_ns()
             seq = int(table.seq[0])
             if table.valid[0] and seq != last_seq:
-                if last_seq:  # the first record may have waited for the segment to exist
-                    ages.append(seen_ns - int(table.publish_wall_ns[0]))
+                # The remote writer's wall-clock stamp is in the payload (not the hot record).
+                snapshot = reader.read(0).snapshot
+                if last_seq and snapshot is not None and snapshot.seq == seq:
+                    # (the first record may have waited for the segment to exist)
+                    ages.append(seen_ns - snapshot.publish_wall_ns)
                 last_seq = seq
             time.sleep(POLL_SLEEP_S)
     finally:

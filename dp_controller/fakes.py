@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from dp_controller.dispatching import Clock, monotonic_clock
+from loadsnap.layout import HOT_FIELDS
 from loadsnap.reading import DEFAULT_STALE_AFTER_S, HotTable, SlotRead, SlotStatus
 from loadsnap.schema import LoadSnapshot
 
@@ -107,25 +108,9 @@ class FakeSource:
         self.reads += 1
         now = self._clock()
         n = self._n
-        u64 = (
-            "num_running_reqs",
-            "num_waiting_reqs",
-            "num_waiting_uncached_tokens",
-            "num_used_tokens",
-            "num_total_tokens",
-            "max_total_num_tokens",
-            "max_running_requests",
-            "seq",
-            "cycle",
-            "publish_mono_ns",
-            "publish_wall_ns",
-            "epoch",
-            "last_accepted_dispatch_seq",
-        )
-        f64 = ("token_usage", "gen_throughput", "cache_hit_rate", "utilization")
         cols: dict[str, np.typing.NDArray[np.generic]] = {
-            **{name: np.zeros(n, dtype=np.uint64) for name in u64},
-            **{name: np.zeros(n, dtype=np.float64) for name in f64},
+            name: np.zeros(n, dtype=np.uint64 if code == "Q" else np.float64)
+            for name, code in HOT_FIELDS
         }
         age = np.full(n, np.nan)
         status = np.zeros(n, dtype=np.uint8)
@@ -137,6 +122,6 @@ class FakeSource:
                 continue
             valid[rank] = True
             age[rank] = a
-            for name in (*u64, *f64):
-                cols[name][rank] = getattr(snap, name)
+            for name, column in cols.items():
+                column[rank] = getattr(snap, name)
         return HotTable(taken_mono_ns=now, age_s=age, status=status, valid=valid, **cols)  # type: ignore[arg-type]

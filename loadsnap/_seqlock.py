@@ -105,8 +105,8 @@ class ReadResult(NamedTuple):
 def build_record(staging: bytearray, hot_values: Sequence[int | float], payload_len: int) -> int:
     """Fill the record header in ``staging`` (payload already at RECORD_HEADER_SIZE).
 
-    ``hot_values`` follow ``layout.HOT_FIELDS``. Returns the record's total length.
-    ``ShmWriter.publish`` inlines these three statements (a test checks they agree).
+    ``hot_values`` follow ``layout.HOT_FIELDS`` (see ``layout.hot_values``). Returns the
+    record's total length. ``ShmWriter.publish`` inlines this (a test checks they agree).
     """
     _HEAD_PACK(staging, 0, 0, payload_len, *hot_values)  # crc field zero while summed
     _CRC_PACK(staging, 0, crc32(staging))

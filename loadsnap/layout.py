@@ -63,26 +63,26 @@ Record copy (``copy_size`` = round_up(RECORD_HEADER_SIZE + payload_capacity, 64)
        | record_crc u32: crc32 of the      | payload_len u32                   |
        |   record, this field read as 0    |                                   |
      8 +-----------------------------------+-----------------------------------+
-       | hot record: the first 18 fields of LoadSnapshot (HOT_FIELDS), 8 B     |
-       | each, u64 or f64, in struct order: 144 B                              |
-   152 +-----------------------------------------------------------------------+
+       | hot record: the 10 dispatch-critical fields (HOT_FIELDS), 8 B each,   |
+       | u64 or f64: 80 B                                                      |
+    88 +-----------------------------------------------------------------------+
        | payload: msgpack LoadSnapshot, payload_len B                          |
        +-----------------------------------------------------------------------+
 
-The hot record repeats the scalar load and identity fields so a reader can take every rank at
-once as numpy arrays without msgpack decoding. Its ``seq`` is the record's sequence, which
-readers check against the sequence word. ``record_crc`` covers (sequence, length, payload), so
-a torn copy is detected on any CPU; summing with the field as zero lets the writer take the
-CRC of its staging buffer in one call, without slicing.
+The hot record repeats the fields a dispatcher needs (identity and freshness, requests, tokens,
+KV capacity, throughput, the dispatch acknowledgement) so a reader can take every rank at once
+as numpy arrays without msgpack decoding; the other fields are in the payload only, which keeps
+the writer's packing short (each packed field costs the publish path about 20 ns). Its ``seq``
+is the record's sequence, which readers check against the sequence word. ``record_crc`` covers
+(sequence, length, payload), so a torn copy is detected on any CPU; summing with the field as
+zero lets the writer take the CRC of its staging buffer in one call, without slicing.
 """
 
 from __future__ import annotations
 
 import struct
-import typing
 from typing import Final
 
-import msgspec
 import numpy as np
 
 from loadsnap.schema import LoadSnapshot
@@ -116,11 +116,12 @@ __all__ = [
     "SLOT_ALIGN",
     "SLOT_CONTROL_SIZE",
     "SegmentGeometry",
+    "hot_values",
 ]
 
 MAGIC: Final[int] = int.from_bytes(b"LOADSNAP", "little")
 READY_VALUE: Final[int] = int.from_bytes(b"READY!!!", "little")
-LAYOUT_MAJOR: Final[int] = 2
+LAYOUT_MAJOR: Final[int] = 3
 LAYOUT_MINOR: Final[int] = 0
 SLOT_ALIGN: Final[int] = 64
 DEFAULT_PAYLOAD_CAPACITY: Final[int] = 2048
@@ -158,22 +159,35 @@ SLOT_CONTROL_SIZE: Final[int] = 64
 COPY_RECORD_CRC_OFFSET: Final[int] = 0
 COPY_PAYLOAD_LEN_OFFSET: Final[int] = COPY_RECORD_CRC_OFFSET + 4
 COPY_HOT_OFFSET: Final[int] = COPY_PAYLOAD_LEN_OFFSET + 4
-# The hot record is the leading scalar fields of LoadSnapshot, so the writer packs
-# ``msgspec.structs.astuple(snapshot)[:HOT_FIELD_COUNT]`` in one call.
-HOT_FIELD_COUNT: Final[int] = 18
-HOT_FIELDS: Final[tuple[tuple[str, str], ...]] = tuple(
-    (field.name, "d" if float in typing.get_args(field.type) else "Q")
-    for field in msgspec.structs.fields(LoadSnapshot)[:HOT_FIELD_COUNT]
+# (field name, struct code), in record order: the writer's stamps first, then the scheduler's
+# numbers. Every name is a LoadSnapshot field of that type (tests/test_layout.py checks).
+HOT_FIELDS: Final[tuple[tuple[str, str], ...]] = (
+    ("seq", "Q"),
+    ("epoch", "Q"),
+    ("publish_mono_ns", "Q"),
+    ("num_running_reqs", "Q"),
+    ("num_waiting_reqs", "Q"),
+    ("num_used_tokens", "Q"),
+    ("num_total_tokens", "Q"),
+    ("max_total_num_tokens", "Q"),
+    ("last_accepted_dispatch_seq", "Q"),
+    ("gen_throughput", "d"),
 )
+HOT_FIELD_COUNT: Final[int] = len(HOT_FIELDS)
 HOT_STRUCT: Final = struct.Struct("<" + "".join(code for _, code in HOT_FIELDS))
 HOT_DTYPE: Final = np.dtype([(name, "<u8" if code == "Q" else "<f8") for name, code in HOT_FIELDS])
 HOT_RECORD_SIZE: Final[int] = HOT_STRUCT.size
-HOT_SEQ_INDEX: Final[int] = LoadSnapshot.__struct_fields__.index("seq")
+HOT_SEQ_INDEX: Final[int] = 0
 COPY_PAYLOAD_OFFSET: Final[int] = COPY_HOT_OFFSET + HOT_RECORD_SIZE
 RECORD_HEADER_SIZE: Final[int] = COPY_PAYLOAD_OFFSET
 # Packs (record_crc placeholder, payload_len, *hot) at offset 0 in one call.
 HEAD_STRUCT: Final = struct.Struct("<II" + HOT_STRUCT.format[1:])
 CRC_STRUCT: Final = struct.Struct("<I")
+
+
+def hot_values(snapshot: LoadSnapshot) -> tuple[int | float, ...]:
+    """``snapshot``'s hot record values, in ``HOT_FIELDS`` order."""
+    return tuple(getattr(snapshot, name) for name, _ in HOT_FIELDS)
 
 
 def round_up(value: int, alignment: int) -> int:

@@ -415,7 +415,5 @@ class ShmReader:
         for rank in np.flatnonzero(ok & (pids != 0) & (age > DEAD_PROBE_AFTER_S)).tolist():
             if not process_alive(int(pids[rank]), int(starts[rank])):
                 status[rank] = SlotStatus.DEAD
-        columns = {
-            name: np.ascontiguousarray(hot[name]) for name, _ in HOT_FIELDS if name != "dp_rank"
-        }
+        columns = {name: np.ascontiguousarray(hot[name]) for name, _ in HOT_FIELDS}
         return HotTable(taken_mono_ns=now, age_s=age, status=status, valid=ok, **columns)

@@ -8,7 +8,6 @@ import time
 from typing import Final, NoReturn
 
 import msgspec
-from msgspec.structs import astuple
 from zlib_ng.zlib_ng import crc32
 
 from loadsnap._liveness import process_alive, process_start_ticks
@@ -21,15 +20,12 @@ from loadsnap._segment import (
 )
 from loadsnap.errors import PayloadTooLargeError, SegmentError, UsageError
 from loadsnap.layout import (
-    CRC_STRUCT,
     CTRL_EPOCH_OFFSET,
     CTRL_REFUSED_OFFSET,
     CTRL_WRITER_PID_OFFSET,
     CTRL_WRITER_START_OFFSET,
     DEFAULT_PAYLOAD_CAPACITY,
     HEAD_STRUCT,
-    HOT_FIELD_COUNT,
-    HOT_FIELDS,
     RECORD_HEADER_SIZE,
     SegmentGeometry,
 )
@@ -38,12 +34,7 @@ from loadsnap.schema import LoadSnapshot, validate_snapshot
 __all__ = ["ShmWriter"]
 
 _MAX_RATE: Final[float] = 1e15
-_HOT_INDEX: Final[dict[str, int]] = {name: i for i, (name, _) in enumerate(HOT_FIELDS)}
-_RANK, _USAGE, _RATE, _UTIL = (
-    _HOT_INDEX[name] for name in ("dp_rank", "token_usage", "gen_throughput", "utilization")
-)
 _HEAD_PACK: Final = HEAD_STRUCT.pack_into
-_CRC_PACK: Final = CRC_STRUCT.pack_into
 _monotonic_ns: Final = time.monotonic_ns
 _time_ns: Final = time.time_ns
 # (segment identity, rank) claimed by a live writer of this process: the pid check in
@@ -71,8 +62,9 @@ class ShmWriter:
         Put the segment in this directory instead of going through ``shm_open``
         (default: ``$LOADSNAP_SHM_DIR`` or ``/dev/shm``).
     validate:
-        Check every schema constraint at publish (a few µs). The hot numeric fields are always
-        checked; readers validate everything they decode either way.
+        Check every schema constraint at publish (a few µs). Without it, ``dp_rank``, the hot
+        record's fields and the two ratios are still checked; readers validate everything they
+        decode either way.
 
     Raises
     ------
@@ -105,11 +97,13 @@ class ShmWriter:
             self._segment, self.created = create_or_attach(instance, geometry, shm_dir)
             self._buf = self._segment.buf
             self._words = self._buf.cast("Q")
+            self._crc_words = self._buf.cast("I")
             self._ctrl = geometry.slot_offset(dp_rank) // 8
             try:
                 self._claim_slot()
             except BaseException:
                 self._words.release()
+                self._crc_words.release()
                 self._segment.close()
                 raise
         self._seq_index = geometry.seq_word_index(dp_rank)
@@ -164,14 +158,14 @@ class ShmWriter:
         PayloadTooLargeError
             The encoded snapshot does not fit the slot; the slot keeps its previous record.
         UsageError
-            Wrong ``dp_rank``, a negative count, a ratio outside 0..1 or NaN, or the writer is
-            closed.
+            Wrong ``dp_rank``, a negative hot count, a ratio outside 0..1 or NaN, or the writer
+            is closed.
         """
         snapshot.seq = seq = self._seq + 1
-        snapshot.epoch = self.epoch
-        snapshot.publish_mono_ns = _monotonic_ns()
+        snapshot.epoch = epoch = self.epoch
+        snapshot.publish_mono_ns = now = _monotonic_ns()
         snapshot.publish_wall_ns = _time_ns()
-        self._publish(snapshot, seq)
+        self._write(snapshot, seq, epoch, now)
         return seq
 
     def publish_relayed(self, snapshot: LoadSnapshot, received_mono_ns: int) -> int:
@@ -183,16 +177,18 @@ class ShmWriter:
         """
         snapshot.seq = seq = self._seq + 1
         snapshot.publish_mono_ns = received_mono_ns
-        self._publish(snapshot, seq)
+        self._write(snapshot, seq, snapshot.epoch, received_mono_ns)
         return seq
 
-    def _publish(self, snapshot: LoadSnapshot, seq: int) -> None:
+    def _write(self, snapshot: LoadSnapshot, seq: int, epoch: int, mono_ns: int) -> None:
         # The hot path, kept flat on purpose: it inlines _seqlock.build_record and
-        # write_record (a test checks the bytes agree), saving two calls per publish.
-        hot = astuple(snapshot)[:HOT_FIELD_COUNT]
-        usage, rate, util = hot[_USAGE], hot[_RATE], hot[_UTIL]
-        if hot[_RANK] != self.dp_rank or not (
-            0.0 <= usage <= 1.0 and 0.0 <= util <= 1.0 and 0.0 <= rate <= _MAX_RATE
+        # write_record (a test checks the bytes agree) and packs the hot record straight from
+        # attributes, in layout.HOT_FIELDS order.
+        rate = snapshot.gen_throughput
+        if snapshot.dp_rank != self.dp_rank or not (
+            0.0 <= snapshot.token_usage <= 1.0
+            and 0.0 <= snapshot.utilization <= 1.0
+            and 0.0 <= rate <= _MAX_RATE
         ):
             self._reject(snapshot)
         if self._validate:
@@ -203,12 +199,27 @@ class ShmWriter:
         if payload_len > self._capacity:
             self._refuse(payload_len)
         try:  # the crc field is packed as 0 and summed so, as record_crc expects
-            _HEAD_PACK(staging, 0, 0, payload_len, *hot)
+            _HEAD_PACK(
+                staging,
+                0,
+                0,
+                payload_len,
+                seq,
+                epoch,
+                mono_ns,
+                snapshot.num_running_reqs,
+                snapshot.num_waiting_reqs,
+                snapshot.num_used_tokens,
+                snapshot.num_total_tokens,
+                snapshot.max_total_num_tokens,
+                snapshot.last_accepted_dispatch_seq,
+                rate,
+            )
         except struct.error as exc:  # a negative or oversized count
             raise UsageError(f"invalid count in snapshot: {exc}") from exc
-        _CRC_PACK(staging, 0, crc32(staging))
         base = self._copies[seq & 1]  # the copy readers are not being sent to
         self._buf[base : base + len(staging)] = staging
+        self._crc_words[base >> 2] = crc32(staging)  # copies are 64-byte aligned
         self._words[self._seq_index] = seq  # one 8-byte store: complete and advertised
         self._seq = seq
 
@@ -220,7 +231,7 @@ class ShmWriter:
             f"utilization={snapshot.utilization} gen_throughput={snapshot.gen_throughput}"
         )
 
-    def _publish_closed(self, snapshot: LoadSnapshot, seq: int) -> None:
+    def _write_closed(self, snapshot: LoadSnapshot, seq: int, epoch: int, mono_ns: int) -> None:
         raise UsageError(f"writer is closed (segment={self._segment.name} dp_rank={self.dp_rank})")
 
     def _refuse(self, payload_len: int) -> NoReturn:
@@ -239,7 +250,7 @@ class ShmWriter:
         if self._closed:
             return
         self._closed = True
-        self._publish = self._publish_closed  # type: ignore[method-assign]
+        self._write = self._write_closed  # type: ignore[method-assign]
         _CLAIMED_IN_PROCESS.discard(self._claim)
         with instance_lock(self.instance, self._shm_dir):
             words, ctrl = self._words, self._ctrl
@@ -247,6 +258,7 @@ class ShmWriter:
                 words[ctrl + CTRL_WRITER_PID_OFFSET // 8] = 0
             last = unlink_if_last and not live_writers(self._segment)
             self._words.release()
+            self._crc_words.release()
             self._segment.close()
             if last:
                 unlink_segment(self.instance, self._shm_dir)

@@ -178,13 +178,14 @@ def test_record_copy_diagram_matches_offsets() -> None:
     assert layout.COPY_PAYLOAD_OFFSET == layout.COPY_HOT_OFFSET + layout.HOT_RECORD_SIZE
     assert layout.RECORD_HEADER_SIZE == layout.COPY_PAYLOAD_OFFSET
     text = "\n".join(_block("Record copy"))
-    assert f"first {layout.HOT_FIELD_COUNT} fields" in text
+    assert f"the {layout.HOT_FIELD_COUNT} dispatch-critical fields" in text
     assert f"{layout.HOT_RECORD_SIZE} B" in text
+    assert f"{layout.COPY_PAYLOAD_OFFSET} +---" in text
 
 
-def test_hot_record_matches_leading_snapshot_fields() -> None:
-    fields = msgspec.structs.fields(LoadSnapshot)[: layout.HOT_FIELD_COUNT]
-    assert [name for name, _ in layout.HOT_FIELDS] == [field.name for field in fields]
+def test_hot_record_fields_are_snapshot_fields_of_their_type() -> None:
+    by_name = {field.name: field for field in msgspec.structs.fields(LoadSnapshot)}
+    assert len({name for name, _ in layout.HOT_FIELDS}) == layout.HOT_FIELD_COUNT
     assert layout.HOT_RECORD_SIZE == 8 * layout.HOT_FIELD_COUNT == layout.HOT_DTYPE.itemsize
     assert layout.HOT_STRUCT.size == layout.HOT_RECORD_SIZE
     for index, (name, code) in enumerate(layout.HOT_FIELDS):
@@ -192,11 +193,20 @@ def test_hot_record_matches_leading_snapshot_fields() -> None:
         dtype, offset = layout.HOT_DTYPE.fields[name][:2]
         assert offset == 8 * index
         assert dtype == ("<f8" if code == "d" else "<u8")
-        default = fields[index].default
+        default = by_name[name].default
         assert isinstance(default, float) == (code == "d"), name
     assert layout.HOT_FIELDS[layout.HOT_SEQ_INDEX][0] == "seq"
     assert layout.HEAD_STRUCT.size == layout.RECORD_HEADER_SIZE
     assert layout.HEAD_STRUCT.format[1:] == "II" + layout.HOT_STRUCT.format[1:]
+
+
+def test_hot_values_follow_hot_fields() -> None:
+    snapshot = LoadSnapshot(dp_rank=1, num_running_reqs=3, gen_throughput=2.5, seq=9, epoch=4)
+    names = [name for name, _ in layout.HOT_FIELDS]
+    values = dict(zip(names, layout.hot_values(snapshot), strict=True))
+    assert values["seq"] == 9 and values["epoch"] == 4
+    assert values["num_running_reqs"] == 3 and values["gen_throughput"] == 2.5
+    assert len(values) == layout.HOT_FIELD_COUNT
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,6 @@ from typing import Any
 
 import msgspec
 import pytest
-from msgspec.structs import astuple
 
 from loadsnap._seqlock import (
     ReadOutcome,
@@ -37,7 +36,13 @@ from loadsnap._seqlock import (
     write_record,
     write_steps,
 )
-from loadsnap.layout import HOT_FIELDS, HOT_SEQ_INDEX, RECORD_HEADER_SIZE, SegmentGeometry
+from loadsnap.layout import (
+    HOT_FIELDS,
+    HOT_SEQ_INDEX,
+    RECORD_HEADER_SIZE,
+    SegmentGeometry,
+    hot_values,
+)
 from loadsnap.schema import LoadSnapshot
 from loadsnap.shm_writer import ShmWriter
 
@@ -341,7 +346,7 @@ def test_writer_publish_leaves_the_bytes_of_build_record_and_write_record(
             seq = writer.publish(snapshot)
             payload = encode(snapshot)
             staging = bytearray(RECORD_HEADER_SIZE) + payload
-            length = build_record(staging, astuple(snapshot)[: len(HOT_FIELDS)], len(payload))
+            length = build_record(staging, hot_values(snapshot), len(payload))
             write_record(model, words, index, copies, staging[:length], seq)
             segment = (tmp_path / "loadsnap-inline-check").read_bytes()
             for start, end in ((index * 8, index * 8 + 8), *((c, c + length) for c in copies)):

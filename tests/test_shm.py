@@ -166,7 +166,7 @@ def test_hot_table_matches_read_all(instance: str, writers: list[ShmWriter]) -> 
                 continue
             assert getattr(table, name)[rank] == getattr(read.snapshot, name), (rank, name)
         assert table.age_s[rank] >= 0
-    assert table.num_running_reqs.dtype == np.uint64 and table.token_usage.dtype == np.float64
+    assert table.num_running_reqs.dtype == np.uint64 and table.gen_throughput.dtype == np.float64
 
 
 def test_hot_table_verify_each_path_agrees(instance: str, writers: list[ShmWriter]) -> None:

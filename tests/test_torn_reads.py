@@ -54,10 +54,11 @@ _SLOW_DURATION_S = float(os.environ.get("LOADSNAP_TORN_READ_SECONDS", "4"))
 _TIMEOUT_S = 60.0
 # Integer hot fields that every record sets to its own sequence.
 _COUNT_FIELDS = tuple(
-    name
-    for name, code in HOT_FIELDS
-    if code == "Q" and name not in ("dp_rank", "epoch", "publish_mono_ns", "publish_wall_ns")
+    name for name, code in HOT_FIELDS if code == "Q" and name not in ("epoch", "publish_mono_ns")
 )
+# Payload-only fields that every record sets to its own sequence, or to _ratio(seq).
+_PAYLOAD_COUNTS = ("num_waiting_uncached_tokens", "max_running_requests", "cycle")
+_PAYLOAD_RATIOS = ("token_usage", "cache_hit_rate", "utilization")
 
 
 _HOT_NAMES = tuple(name for name, _ in HOT_FIELDS)
@@ -93,10 +94,7 @@ def _hot_tear(values: dict[str, Any]) -> bool:
     k = int(values["seq"])
     if any(int(values[name]) != k for name in _COUNT_FIELDS):
         return True
-    ratios = ("token_usage", "cache_hit_rate", "utilization")
-    return any(float(values[name]) != _ratio(k) for name in ratios) or float(
-        values["gen_throughput"]
-    ) != float(k)
+    return float(values["gen_throughput"]) != float(k)
 
 
 def _snapshot_tear(snapshot: LoadSnapshot, seq: int) -> bool:
@@ -104,13 +102,17 @@ def _snapshot_tear(snapshot: LoadSnapshot, seq: int) -> bool:
     values = {name: getattr(snapshot, name) for name, _ in HOT_FIELDS}
     if snapshot.seq != seq or _hot_tear(values):
         return True
+    if any(getattr(snapshot, name) != seq for name in _PAYLOAD_COUNTS):
+        return True
+    if any(getattr(snapshot, name) != _ratio(seq) for name in _PAYLOAD_RATIOS):
+        return True
     return snapshot.lora != LoraSection(loaded_adapters=[f"{seq:x}"] * (seq % 17))
 
 
 def _table_tears(table: HotTable) -> int:
     tears = 0
     for rank in np.flatnonzero(table.valid).tolist():
-        values = {name: getattr(table, name)[rank] for name, _ in HOT_FIELDS if name != "dp_rank"}
+        values = {name: getattr(table, name)[rank] for name, _ in HOT_FIELDS}
         tears += _hot_tear(values)
     return tears
 
@@ -319,6 +321,11 @@ def test_self_check_flags_mixed_records() -> None:
     values = {name: getattr(a, name) for name, _ in HOT_FIELDS}
     assert not _hot_tear(values) and not _snapshot_tear(a, 5)
     assert _hot_tear({**values, "num_used_tokens": 6})
-    assert _hot_tear({**values, "utilization": math.nextafter(_ratio(5), 1.0)})
+    assert _hot_tear({**values, "gen_throughput": math.nextafter(5.0, 6.0)})
+    a.utilization = math.nextafter(_ratio(5), 1.0)
+    assert _snapshot_tear(a, 5)  # a payload-only field from another record
+    a.utilization, a.cycle = _ratio(5), 6
+    assert _snapshot_tear(a, 5)
+    a.cycle = 5
     assert _snapshot_tear(b, 5)  # a payload of another record under this sequence
     assert _snapshot_tear(LoadSnapshot(**{**a.to_dict(), "lora": LoraSection()}), 5)
