@@ -6,8 +6,12 @@ Two measurements, one run, every policy side by side:
    source (``dp_controller.fakes.FakeSource``) with the real monotonic clock and the 20 ms
    refresh throttle, so refreshes happen as in production. Policies: round robin, the
    reference design's overwrite budget (``OverwriteBudget``), ``total_requests``,
-   ``work_over_throughput``, ours (``requests_then_work``) and ``power_of_two``. Best of
-   ``--rounds`` rounds.
+   ``work_over_throughput``, ``requests_then_work`` (``BudgetConfig``'s default),
+   ``power_of_two`` and ours (``length_aware``, what the controller runs by default). Each
+   request carries its ``max_new_tokens`` (32, 64 or 128 in turn), and a ``DPBudget``'s loop
+   also reports each request's completion 64 dispatches later, as the controller does for
+   every result (``DPBudget.complete``; a no-op except for ``length_aware``), so 64 requests
+   stay outstanding. Best of ``--rounds`` rounds.
 2. **Bursty trace** (``dp_controller.workload`` preset ``bursty``, seed fixed): ``--dp-size``
    reference schedulers (``python -m scheduler``, sim executor with a slow prefill so requests
    queue and snapshots lag) are started for each replay; the controller replays the trace in
@@ -28,6 +32,10 @@ Two measurements, one run, every policy side by side:
      by where the requests are.
    - ``imb@disp``: the same ``max / mean`` right after each batch of dispatches (what the
      policy decided, before service times spread the ranks apart).
+
+``length_aware`` relies on each request's ``max_new_tokens``: the sim generates exactly that many
+tokens, so here the output length is known exactly at dispatch; in real serving it is only an
+upper bound (``dp_controller.budget`` module docstring).
 
 Run: ``python -m benchmarks.bench_dispatch`` (``--quick`` for the smoke size).
 """
@@ -50,10 +58,10 @@ from benchmarks._common import (
     finish,
     make_parser,
 )
-from dp_controller.budget import BudgetConfig, Policy
+from dp_controller.budget import CONTROLLER_POLICY, BudgetConfig, DPBudget, Policy
 from dp_controller.cli import make_dispatcher
 from dp_controller.controller import Controller, TraceRun
-from dp_controller.dispatching import Dispatcher
+from dp_controller.dispatching import Dispatch, Dispatcher
 from dp_controller.fakes import FakeSource
 from dp_controller.fleet import SchedulerFleet
 from dp_controller.workload import generate_trace, preset
@@ -62,17 +70,21 @@ from loadsnap.shm_reader import ShmReader
 REPORT_ORDER: Final[int] = 4
 REPORT_ARGS: Final[list[str]] = []
 
-OURS: Final[str] = Policy.REQUESTS_THEN_WORK.value
+OURS: Final[str] = CONTROLLER_POLICY.value  # what the controller runs by default
 BASELINE: Final[str] = "overwrite"
 POLICIES: Final[tuple[str, ...]] = (
     "round_robin",
     BASELINE,
     "total_requests",
     "work_over_throughput",
-    OURS,
+    Policy.REQUESTS_THEN_WORK.value,
     "power_of_two",
+    Policy.LENGTH_AWARE.value,
 )
 QUICK_TRACE_POLICIES: Final[tuple[str, ...]] = ("round_robin", BASELINE, OURS)
+# Output bounds of the decision-rate loop, in turn; completions lag dispatches by this many.
+_RATE_OUTPUTS: Final[tuple[int, ...]] = (32, 64, 128)
+_RATE_WINDOW: Final[int] = 64
 SCHEDULER_ARGS: Final[tuple[str, ...]] = (
     "--prefill-token-ms=0.1",
     "--decode-token-ms=0.2",
@@ -104,13 +116,24 @@ def _dispatcher(policy: str, source: FakeSource, dp_size: int) -> Dispatcher:
 def measure_decisions(dp_size: int, policy: str, decisions: int, rounds: int) -> float:
     """Best decisions/s over ``rounds`` rounds of ``decisions`` dispatches."""
     best = 0.0
+    outputs = _RATE_OUTPUTS
+    window = _RATE_WINDOW
     for _ in range(rounds):
         source = _loaded_source(dp_size)
         dispatcher = _dispatcher(policy, source, dp_size)
         dispatch = dispatcher.dispatch
+        complete = dispatcher.complete if isinstance(dispatcher, DPBudget) else None
+        ring: list[Dispatch | None] = [None] * window
         t0 = time.perf_counter()
         for i in range(decisions):
-            dispatch(100 + (i & 63))
+            out = outputs[i % 3]
+            decision = dispatch(100 + (i & 63) + out, max_new_tokens=out)
+            if complete is not None:
+                slot = i % window
+                old = ring[slot]
+                if old is not None:
+                    complete(old.rank, old.seq)
+                ring[slot] = decision
         elapsed = time.perf_counter() - t0
         best = max(best, decisions / elapsed)
     return best
@@ -343,17 +366,23 @@ def summarize(result: dict[str, Any]) -> ReportSection:
         "A decision is a Python loop over the ranks' budgets (a few µs at dp 8); at dp 256 the "
         "scores are numpy arrays whose per-call overhead sets the floor, and power-of-two choices "
         "makes a decision O(1) at any size. Tail TTFT on the bursty trace is set by the prefill "
-        "queue a burst builds on each rank (0.1 ms per prompt token here): the best a dispatcher "
-        "can do is to spread prompt tokens evenly. work_over_throughput does only that; ours does "
-        "it among the ranks within one request of the fewest, and may give up a little tail TTFT "
-        "for the level request counts. The 5 ms imbalance figure is limited less by dispatch than "
-        "by how batches drain: a rank's decode batch finishes in steps (every request of one "
-        "output length on a rank ends in the same step), so tens of milliseconds of offset between"
-        " ranks while 2-8 requests per rank remain read as max/mean 1.5-2.5 for about a third of "
-        "the samples, while the busy phase reads 1.05-1.1. The dispatcher sees only prompt plus "
-        "output tokens, not the output length that sets when a request leaves, and completions "
-        "reach it with the next snapshot (every 15 decode steps). The load-weighted figure counts "
-        "each sample by the requests it holds and shows the herding the issue is about."
+        "queue a burst builds on each rank (0.1 ms per prompt token here): spreading prompt tokens "
+        "evenly is what shortens it. The 5 ms imbalance figure is set less by the busy phase "
+        "(every count-balancing policy holds 1.05-1.1 there) than by how batches drain: a rank's "
+        "decode batch sheds its requests in steps (every request of one output length ends in the "
+        "same step), so ranks that start decoding tens of milliseconds apart, or hold different "
+        "mixes of output lengths, read as max/mean 1.5-2.5 while 2-8 requests per rank remain. "
+        "The snapshot-driven policies (requests_then_work, BudgetConfig's default, and the rest) "
+        "see only prompt plus output tokens and learn of completions with the next snapshot "
+        "(every 15 decode steps). Ours, length_aware, also uses each request's prompt length and "
+        "max_new_tokens and learns completions from the results the controller receives: it "
+        "keeps each rank's outstanding prompt tokens and its outstanding requests per "
+        "output-length class level, so the ranks start decoding together and shed their requests "
+        "in the same steps. Its gain rests on max_new_tokens being the output length, which "
+        "holds in the reference scheduler's sim; in real serving it is an upper bound (requests "
+        "stop early), and length_aware counts only this controller's own requests (health and "
+        "acknowledgements still come from the snapshots). The load-weighted figure counts each "
+        "sample by the requests it holds and shows the herding the issue is about."
     )
     return section
 
@@ -366,9 +395,15 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     traces: dict[str, dict[str, Any]] = data["traces"]
     ours, base = data["ours"], data["baseline"]
     min_mean = float(data.get("min_mean_per_rank", MIN_MEAN_PER_RANK))
-    colors = {ours: "#1f77b4", base: "#d62728", "round_robin": "#7f7f7f"}
+    library_default = BudgetConfig().policy.value
+    colors = {
+        ours: "#1f77b4",
+        base: "#d62728",
+        "round_robin": "#7f7f7f",
+        library_default: "#2ca02c",
+    }
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), width_ratios=[1.6, 1])
-    for policy in (base, "round_robin", ours):
+    for policy in (base, "round_robin", library_default, ours):
         samples = traces.get(policy, {}).get("samples")
         if not samples:
             continue

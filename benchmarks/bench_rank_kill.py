@@ -8,10 +8,10 @@ restarted. The same trace, the same kill, for each design in turn on fresh sched
 
 - ``round_robin`` (``RoundRobinBaseline``: reads no load) and the reference design's
   ``overwrite`` budget (``OverwriteBudget``), neither of which has a notion of a dead rank;
-- ours (``requests_then_work`` on ``DPBudget``): the budget reads the rank DEAD once its
-  writer's pid is gone and its last record is older than the reader's dead-probe age, excludes
-  it, and the controller reports what the rank held as failed (``status="failed"``,
-  ``reason="rank_dead"``).
+- ours (``length_aware``, the controller's default, on ``DPBudget``): the budget reads the
+  rank DEAD once its writer's pid is gone and its last record is older than the reader's
+  dead-probe age, excludes it, and the controller reports what the rank held as failed
+  (``status="failed"``, ``reason="rank_dead"``).
 
 Reported per design, from the controller's side:
 
@@ -52,7 +52,7 @@ from benchmarks._common import (
 )
 from benchmarks.bench_dispatch import SCHEDULER_ARGS
 from dp_controller.baselines import RoundRobinBaseline
-from dp_controller.budget import BudgetConfig, DPBudget, Policy
+from dp_controller.budget import CONTROLLER_POLICY, BudgetConfig, DPBudget
 from dp_controller.cli import make_dispatcher
 from dp_controller.controller import Controller
 from dp_controller.dispatching import Dispatcher
@@ -64,7 +64,7 @@ from loadsnap.shm_reader import ShmReader
 REPORT_ORDER: Final[int] = 4
 REPORT_ARGS: Final[list[str]] = []
 
-OURS: Final[str] = Policy.REQUESTS_THEN_WORK.value
+OURS: Final[str] = CONTROLLER_POLICY.value
 DESIGNS: Final[tuple[str, ...]] = ("round_robin", "overwrite", OURS)
 BASELINE_NAMES: Final[dict[str, str]] = {
     "round_robin": "round robin",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dp_controller.baselines import OverwriteBudget, RoundRobinBaseline
 from dp_controller.budget import (
+    CONTROLLER_POLICY,
     DEFAULT_REFRESH_INTERVAL_S,
     BudgetConfig,
     BudgetStats,
@@ -21,6 +22,7 @@ from dp_controller.ledger import DispatchLedger, LedgerStats
 from dp_controller.workload import TraceRequest, WorkloadSpec, generate_trace, preset
 
 __all__ = [
+    "CONTROLLER_POLICY",
     "DEFAULT_REFRESH_INTERVAL_S",
     "BudgetConfig",
     "BudgetStats",

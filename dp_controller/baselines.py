@@ -79,8 +79,11 @@ class OverwriteBudget:
             self.counts = (table.num_running_reqs + table.num_waiting_reqs).astype(int).tolist()
         return True
 
-    def dispatch(self, est_tokens: int, rank: int | None = None) -> Dispatch:
-        """Lowest count wins, lowest rank on ties; +1 to the chosen rank."""
+    def dispatch(
+        self, est_tokens: int, rank: int | None = None, *, max_new_tokens: int | None = None
+    ) -> Dispatch:
+        """Lowest count wins, lowest rank on ties; +1 to the chosen rank (``max_new_tokens``
+        is ignored, like the reference)."""
         self.refresh()
         self.decisions += 1
         counts = self.counts
@@ -120,8 +123,11 @@ class RoundRobinBaseline:
         """Nothing to read: always False."""
         return False
 
-    def dispatch(self, est_tokens: int, rank: int | None = None) -> Dispatch:
-        """The next rank in turn (or the pinned ``rank``, which does not move the turn)."""
+    def dispatch(
+        self, est_tokens: int, rank: int | None = None, *, max_new_tokens: int | None = None
+    ) -> Dispatch:
+        """The next rank in turn (or the pinned ``rank``, which does not move the turn);
+        ``max_new_tokens`` is ignored."""
         self.decisions += 1
         if rank is None:
             rank = self._next

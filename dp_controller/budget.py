@@ -26,6 +26,34 @@ can: the ranks that did not take a 512-token prompt take the next dozen 32-token
 slow prefill a rank's queued prompt tokens decide when its batch starts decoding, so the work
 term is what keeps the ranks' batches finishing together. ``POWER_OF_TWO`` draws two usable ranks
 (seeded) and applies the same rule to that pair only: O(1) per decision at any dp_size.
+
+``LENGTH_AWARE`` (length-aware routing) uses what the controller knows of each request: its
+prompt length and its output bound ``max_new_tokens``. A continuous batch sheds its requests in
+steps, every request of one output length leaving in the same decode step, and a rank starts
+decoding only once its queued prompts are prefilled; two ranks stay level over a burst and its
+drain only if they hold the same number of requests of each output length and the same prompt
+work. The budget therefore keeps, per rank, what is *outstanding* (dispatched, result not yet
+reported; :class:`Outstanding`): the requests ``n[r]``, their prompt tokens ``P[r]``, and the
+requests per output-length class ``n[r, c]`` (:func:`length_class`: powers of two of
+``max_new_tokens``). Completions are what the controller reports (:meth:`DPBudget.complete`, for
+every result, failed ones included), not the snapshots, so a rank is seen to shed its requests
+the moment their results arrive, not up to a publish period later. Among the ranks within
+``request_slack`` of the fewest outstanding requests, a request of ``p`` prompt tokens and class
+``c`` goes to the rank with the lowest
+
+    ``p * P[r] / pbar**2  +  class_weight * n[r, c]  +  count_weight * n[r]``
+
+(``pbar``: a moving average of prompt lengths; ties rotate). This is the greedy step that least
+increases ``sum_r (P[r] / pbar)**2 + class_weight * sum_r,c n[r, c]**2 + count_weight *
+sum_r n[r]**2``, the spread of prompt work (counted in typical prompts), of each class and of
+the request counts: a long prompt goes where the least prompt work is outstanding, a short one
+where its class is scarcest. Reported load is not scored (the hot table still gives each rank's
+health and acknowledgements), so requests this controller did not send are not seen; without
+completion reports the counts never fall and the policy degrades to balancing cumulative
+dispatches. In the reference scheduler's sim a request generates exactly ``max_new_tokens``
+tokens; in real serving it is an upper bound (a request may stop early at an end-of-sequence
+token), so the class is that of the bound, not of the length, and a bound shared by every
+request (a server-wide default) leaves prompt work and request counts to decide.
 """
 
 from __future__ import annotations
@@ -47,6 +75,7 @@ from loadsnap.errors import LoadsnapError, UsageError
 from loadsnap.reading import DEFAULT_STALE_AFTER_S, HotTable, SlotStatus, SnapshotSource
 
 __all__ = [
+    "CONTROLLER_POLICY",
     "DEFAULT_REFRESH_INTERVAL_S",
     "BudgetConfig",
     "BudgetStats",
@@ -62,6 +91,12 @@ DEFAULT_REFRESH_INTERVAL_S: Final[float] = 0.020
 # TOTAL_TOKENS packs (tokens, requests) into one float64 key: requests below 2**20 per rank.
 _REQ_SCALE: Final[float] = float(2**20)
 _MAX_USAGE: Final[float] = 0.999
+# Output-length classes: 0 for an unknown bound, else 1 + ceil(log2(max_new_tokens)).
+N_LENGTH_CLASSES: Final[int] = 66
+# LENGTH_AWARE: weight of a new prompt length in the moving average of prompt lengths.
+_PROMPT_EWMA: Final[float] = 1.0 / 32.0
+
+_I64 = npt.NDArray[np.int64]
 # Up to this many ranks a decision loops in Python (faster than numpy's per-call overhead).
 SCALAR_MAX_DP: Final[int] = 32
 
@@ -78,6 +113,15 @@ class Policy(enum.Enum):
     REQUESTS_THEN_WORK = "requests_then_work"
     # REQUESTS_THEN_WORK over two ranks drawn at random (seeded): O(1) per decision.
     POWER_OF_TWO = "power_of_two"
+    # Outstanding prompt work, requests of this output-length class and requests (module
+    # docstring): needs max_new_tokens at dispatch and completions (DPBudget.complete).
+    LENGTH_AWARE = "length_aware"
+
+
+# What the controller process runs by default. It reports every result to its budget
+# (DPBudget.complete), which LENGTH_AWARE needs; BudgetConfig's own default stays
+# REQUESTS_THEN_WORK because a bare DPBudget hears of completions only if its caller reports them.
+CONTROLLER_POLICY: Final[Policy] = Policy.LENGTH_AWARE
 
 
 class StalePolicy(enum.Enum):
@@ -130,10 +174,15 @@ class BudgetConfig:
         run as fast as the fastest usable rank (its own throughput reflects demand, not
         capacity); a rank with a queue is taken at its reported throughput.
     request_slack:
-        ``REQUESTS_THEN_WORK`` and ``POWER_OF_TWO``: a rank is eligible when its budgeted
-        requests exceed the fewest by at most this many (0: strictly fewest first).
+        ``REQUESTS_THEN_WORK``, ``POWER_OF_TWO`` and ``LENGTH_AWARE``: a rank is eligible when
+        its budgeted (``LENGTH_AWARE``: outstanding) requests exceed the fewest by at most this
+        many (0: strictly fewest first).
     seed:
         ``POWER_OF_TWO``: seed of the generator that draws the two ranks.
+    class_weight, count_weight:
+        ``LENGTH_AWARE``: weights of the outstanding requests of the request's output-length
+        class and of all outstanding requests, against prompt work counted in typical prompts
+        (module docstring). Both 0: prompt work alone.
     """
 
     policy: Policy = Policy.REQUESTS_THEN_WORK
@@ -144,6 +193,8 @@ class BudgetConfig:
     throughput_floor: float = 1.0
     request_slack: int = 1
     seed: int = 0
+    class_weight: float = 2.0
+    count_weight: float = 2.0
 
     def __post_init__(self) -> None:
         if not self.refresh_interval_s >= 0:
@@ -156,6 +207,10 @@ class BudgetConfig:
             raise UsageError(f"throughput_floor must be > 0: {self.throughput_floor}")
         if self.request_slack < 0:
             raise UsageError(f"request_slack must be >= 0: request_slack={self.request_slack}")
+        for name in ("class_weight", "count_weight"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise UsageError(f"{name} must be finite and >= 0: {name}={value}")
 
 
 class BudgetStats:
@@ -198,6 +253,134 @@ def check_publish_period(publish_period_s: float, stale_after_s: float) -> bool:
     return True
 
 
+def length_class(max_new_tokens: int | None) -> int:
+    """The output-length class of a request: ``0`` when its bound is unknown, else
+    ``1 + ceil(log2(max_new_tokens))`` (1: one token, 2: two, 3: 3-4, 4: 5-8, ..., 7: 33-64,
+    8: 65-128), capped at ``N_LENGTH_CLASSES - 1``."""
+    if max_new_tokens is None or max_new_tokens < 1:
+        return 0
+    return min((max_new_tokens - 1).bit_length() + 1, N_LENGTH_CLASSES - 1)
+
+
+class Outstanding:
+    """Per rank, the requests dispatched and not yet completed, by output-length class.
+
+    The budget records each dispatch (:meth:`record`); the controller reports each result,
+    successful or failed (:meth:`DPBudget.complete`). A completion is matched on
+    ``(rank, dispatch seq)``: one that matches nothing (reported twice, dropped by a reset,
+    never recorded) changes nothing, so every count is exactly the recorded entries not yet
+    completed (never negative). At most ``max_per_rank`` entries are kept per rank: beyond it
+    the oldest is forgotten (counted in :attr:`forgotten`), so a caller that never reports
+    completions does not grow memory without bound. Single owner; not thread-safe.
+
+    Attributes
+    ----------
+    count, prompt_tokens:
+        Per rank: outstanding requests and the sum of their prompt tokens.
+    by_class:
+        Per rank, ``N_LENGTH_CLASSES`` outstanding counts indexed by :func:`length_class`.
+    arrays:
+        With ``arrays=True``, the same numbers as numpy arrays ``(count, prompt_tokens,
+        by_class)`` of shapes ``(n,)``, ``(n,)``, ``(n, N_LENGTH_CLASSES)``, kept in step (for
+        the vectorised decisions of large deployments); else ``None``. Read-only for callers.
+    forgotten:
+        Entries dropped because their rank already held ``max_per_rank``.
+    """
+
+    __slots__ = (
+        "_entries",
+        "arrays",
+        "by_class",
+        "count",
+        "forgotten",
+        "max_per_rank",
+        "prompt_tokens",
+    )
+
+    def __init__(self, dp_size: int, max_per_rank: int = 16_384, *, arrays: bool = False) -> None:
+        if dp_size < 1 or max_per_rank < 1:
+            raise UsageError(
+                f"need dp_size >= 1 and max_per_rank >= 1: dp_size={dp_size} "
+                f"max_per_rank={max_per_rank}"
+            )
+        self.max_per_rank = max_per_rank
+        self.count = [0] * dp_size
+        self.prompt_tokens = [0] * dp_size
+        self.by_class = [[0] * N_LENGTH_CLASSES for _ in range(dp_size)]
+        self._entries: list[dict[int, tuple[int, int]]] = [{} for _ in range(dp_size)]
+        self.forgotten = 0
+        self.arrays: tuple[_I64, _I64, _I64] | None = None
+        if arrays:
+            self.arrays = (
+                np.zeros(dp_size, dtype=np.int64),
+                np.zeros(dp_size, dtype=np.int64),
+                np.zeros((dp_size, N_LENGTH_CLASSES), dtype=np.int64),
+            )
+
+    def record(self, rank: int, seq: int, cls: int, prompt_tokens: int) -> None:
+        """Count dispatch ``seq`` of ``rank`` (class ``cls``, ``prompt_tokens``) as outstanding.
+
+        A ``seq`` already outstanding on ``rank`` is replaced (the ledger never reuses one)."""
+        entries = self._entries[rank]
+        if seq in entries:
+            self._drop(rank, seq)
+        elif len(entries) >= self.max_per_rank:
+            self._drop(rank, next(iter(entries)))
+            if not self.forgotten:
+                log.warning(
+                    "length_aware: dp_rank=%d holds max_per_rank=%d outstanding requests; "
+                    "forgetting the oldest (are completions reported with DPBudget.complete?)",
+                    rank,
+                    self.max_per_rank,
+                )
+            self.forgotten += 1
+        entries[seq] = (cls, prompt_tokens)
+        self.count[rank] += 1
+        self.prompt_tokens[rank] += prompt_tokens
+        self.by_class[rank][cls] += 1
+        if self.arrays is not None:
+            count, prompts, by_class = self.arrays
+            count[rank] += 1
+            prompts[rank] += prompt_tokens
+            by_class[rank, cls] += 1
+
+    def complete(self, rank: int, seq: int) -> bool:
+        """Stop counting dispatch ``seq`` of ``rank``; False when it was not outstanding."""
+        if not 0 <= rank < len(self._entries) or seq not in self._entries[rank]:
+            return False
+        self._drop(rank, seq)
+        return True
+
+    def _drop(self, rank: int, seq: int) -> None:
+        cls, prompt = self._entries[rank].pop(seq)
+        self.count[rank] -= 1
+        self.prompt_tokens[rank] -= prompt
+        self.by_class[rank][cls] -= 1
+        if self.arrays is not None:
+            count, prompts, by_class = self.arrays
+            count[rank] -= 1
+            prompts[rank] -= prompt
+            by_class[rank, cls] -= 1
+
+    def reset_rank(self, rank: int) -> int:
+        """Forget everything outstanding on ``rank`` (its scheduler restarted); return how many
+        entries were dropped. Their completions, reported later, match nothing."""
+        entries = self._entries[rank]
+        dropped = len(entries)
+        entries.clear()
+        self.count[rank] = 0
+        self.prompt_tokens[rank] = 0
+        self.by_class[rank] = [0] * N_LENGTH_CLASSES
+        if self.arrays is not None:
+            for array in self.arrays:
+                array[rank] = 0
+        return dropped
+
+    def seqs(self, rank: int) -> list[int]:
+        """The outstanding dispatch sequences of ``rank``, oldest first."""
+        return list(self._entries[rank])
+
+
 class DPBudget:
     """Chooses a rank per request from reported load plus unacknowledged dispatches.
 
@@ -231,6 +414,10 @@ class DPBudget:
             raise UsageError(f"dp_size must be >= 1: dp_size={n}")
         self._n = n
         self.ledger = DispatchLedger(n)
+        # LENGTH_AWARE only: what is outstanding per rank (other policies leave it empty).
+        self.outstanding = Outstanding(n, arrays=n > SCALAR_MAX_DP)
+        self._track = self.config.policy is Policy.LENGTH_AWARE
+        self._pbar = 0.0  # moving average of prompt lengths (0 until the first decision)
         self.stats = BudgetStats()
         self._clock = clock
         self._interval_ns = int(self.config.refresh_interval_s * 1e9)
@@ -324,6 +511,7 @@ class DPBudget:
         restarted = newer_epoch & (known != 0)
         for rank in np.flatnonzero(restarted).tolist():
             self.ledger.reset_rank(rank)
+            self.outstanding.reset_rank(rank)
             self.stats.epoch_resets += 1
             self._seq[rank] = 0
             self._publish_ns[rank] = 0
@@ -410,7 +598,9 @@ class DPBudget:
 
     # --- decisions ----------------------------------------------------------------------------
 
-    def dispatch(self, est_tokens: int, rank: int | None = None) -> Dispatch:
+    def dispatch(
+        self, est_tokens: int, rank: int | None = None, *, max_new_tokens: int | None = None
+    ) -> Dispatch:
         """Choose a rank for a request of ``est_tokens`` tokens and record it in the ledger.
 
         Parameters
@@ -420,6 +610,11 @@ class DPBudget:
         rank:
             A rank chosen by the caller (pinned): no choice is made, but the dispatch is still
             recorded, so it counts in the budget.
+        max_new_tokens:
+            The request's output bound, when known (the controller always passes it). Only
+            ``LENGTH_AWARE`` uses it: its :func:`length_class`, and ``est_tokens -
+            max_new_tokens`` as the prompt length. Without it the request is of class 0 and
+            ``est_tokens`` counts as its prompt.
 
         Returns
         -------
@@ -433,6 +628,8 @@ class DPBudget:
         """
         self.refresh()
         self.stats.decisions += 1
+        if self._track:
+            return self._dispatch_tracked(est_tokens, rank, max_new_tokens)
         if rank is not None:
             self.stats.pinned += 1
             return Dispatch(rank, self.ledger.record(rank, est_tokens))
@@ -448,6 +645,86 @@ class DPBudget:
         else:
             chosen = self._argmin(self.scores(est_tokens))
         return Dispatch(chosen, self.ledger.record(chosen, est_tokens))
+
+    def _dispatch_tracked(
+        self, est_tokens: int, rank: int | None, max_new_tokens: int | None
+    ) -> Dispatch:
+        # LENGTH_AWARE: every dispatch (pinned and fail-open ones included) is outstanding
+        # until its completion is reported.
+        if est_tokens < 0:
+            raise UsageError(f"est_tokens must be >= 0: est_tokens={est_tokens}")
+        if max_new_tokens is None:
+            cls, prompt = 0, est_tokens
+        else:
+            cls = length_class(max_new_tokens)
+            prompt = est_tokens - max_new_tokens if est_tokens > max_new_tokens else 0
+        if rank is not None:
+            self.stats.pinned += 1
+            chosen = rank
+        elif self._fail_open:
+            self.stats.fail_open_decisions += 1
+            chosen = self._next_round_robin()
+        else:
+            pbar = self._pbar
+            self._pbar = pbar + (prompt - pbar) * _PROMPT_EWMA if pbar > 0 else float(prompt)
+            if self._n <= SCALAR_MAX_DP:
+                chosen = self._choose_length(cls, prompt)
+            else:
+                chosen = self._argmin(self._length_scores(cls, prompt))
+        seq = self.ledger.record(chosen, est_tokens)  # raises on a bad rank or est_tokens
+        self.outstanding.record(chosen, seq, cls, prompt)
+        return Dispatch(chosen, seq)
+
+    def complete(self, rank: int, seq: int) -> bool:
+        """Report that request ``seq`` of ``rank`` ended: its result arrived, or it was reported
+        failed. The controller calls this for every result. ``LENGTH_AWARE`` stops counting it
+        as outstanding; other policies ignore it. Returns False when it was not outstanding
+        (reported twice, dropped when its rank restarted, or another policy)."""
+        return self.outstanding.complete(rank, seq)
+
+    def _prompt_weight(self, prompt: int) -> float:
+        # p / pbar**2: the weight of a rank's outstanding prompt tokens for this request.
+        pbar = self._pbar if self._pbar >= 1.0 else 1.0
+        return prompt / (pbar * pbar)
+
+    def _choose_length(self, cls: int, prompt: int) -> int:
+        # The same arithmetic as :meth:`_length_scores`, in the same order (so the same
+        # doubles), one rank at a time; strict "<" over the rotated order rotates ties.
+        out = self.outstanding
+        counts, by_class, prompts = out.count, out.by_class, out.prompt_tokens
+        order = self._rotations[self._cursor]
+        limit = min([counts[k] for k in order]) + self._slack
+        a = self._prompt_weight(prompt)
+        b, g = self.config.class_weight, self.config.count_weight
+        best = math.inf
+        chosen = order[0]
+        for k in order:
+            n = counts[k]
+            if n > limit:
+                continue
+            score = a * prompts[k] + b * by_class[k][cls] + g * n
+            if score < best:
+                best, chosen = score, k
+        self._cursor = chosen + 1 if chosen + 1 < self._n else 0
+        return chosen
+
+    def _length_scores(self, cls: int, prompt: int) -> npt.NDArray[np.float64]:
+        out = self.outstanding
+        if out.arrays is not None:
+            count_a, prompt_a, class_a = out.arrays
+            counts = count_a.astype(np.float64)
+            by_class = class_a[:, cls].astype(np.float64)
+            prompts = prompt_a.astype(np.float64)
+        else:
+            counts = np.array(out.count, dtype=np.float64)
+            by_class = np.array([row[cls] for row in out.by_class], dtype=np.float64)
+            prompts = np.array(out.prompt_tokens, dtype=np.float64)
+        usable_counts = counts + self._penalty
+        eligible = usable_counts <= usable_counts.min() + self._slack
+        a = self._prompt_weight(prompt)
+        b, g = self.config.class_weight, self.config.count_weight
+        score = a * prompts + b * by_class + g * counts
+        return np.where(eligible, score, np.inf)
 
     def _choose_scalar(self, est_tokens: int) -> int:
         # The same arithmetic as :meth:`scores`, in the same order (so the same doubles), one
@@ -522,14 +799,23 @@ class DPBudget:
         w = self.config.kv_weight
         return (self._s_tokens[k] + pending) / self._s_rate[k] * (1.0 + w * u * u / (1.0 - u))
 
-    def scores(self, est_tokens: int = 0) -> npt.NDArray[np.float64]:
+    def scores(
+        self, est_tokens: int = 0, *, max_new_tokens: int | None = None
+    ) -> npt.NDArray[np.float64]:
         """Per-rank scores under the policy (lower is better; ``inf`` = not eligible).
 
         ``POWER_OF_TWO`` returns the ``REQUESTS_THEN_WORK`` scores over every rank; a decision
-        compares two drawn ranks by the same rule.
+        compares two drawn ranks by the same rule. ``LENGTH_AWARE`` scores a request of
+        ``max_new_tokens`` (as :meth:`dispatch` reads it) with the current prompt-length
+        average (a decision first moves the average by its own prompt).
         """
         ledger = self.ledger
         policy = self._policy
+        if policy is Policy.LENGTH_AWARE:
+            if max_new_tokens is None:
+                return self._length_scores(0, est_tokens)
+            prompt = est_tokens - max_new_tokens if est_tokens > max_new_tokens else 0
+            return self._length_scores(length_class(max_new_tokens), prompt)
         if policy is Policy.REQUESTS_THEN_WORK or policy is Policy.POWER_OF_TWO:
             reqs = self.reported_reqs + ledger.unacked_count + self._penalty
             eligible = reqs <= reqs.min() + self._slack

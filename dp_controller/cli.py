@@ -3,7 +3,7 @@
 Replays a seeded workload through a controller that dispatches to DP schedulers, then prints
 per-rank counts, imbalance and latency percentiles. Example (spawns 4 reference schedulers)::
 
-    python -m dp_controller --spawn --dp-size 4 --policy requests_then_work --workload bursty
+    python -m dp_controller --spawn --dp-size 4 --policy length_aware --workload bursty
 
 Without ``--spawn`` it connects to running schedulers: ``--request-addr`` once per rank (or a
 ``{rank}`` template) and ``--result-addr`` for this controller's PULL.
@@ -12,6 +12,7 @@ Without ``--spawn`` it connects to running schedulers: ``--request-addr`` once p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -20,7 +21,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from dp_controller.baselines import OverwriteBudget
-from dp_controller.budget import BudgetConfig, DPBudget, Policy, StalePolicy
+from dp_controller.budget import (
+    CONTROLLER_POLICY,
+    BudgetConfig,
+    DPBudget,
+    Policy,
+    StalePolicy,
+)
 from dp_controller.controller import Controller, TraceRun, imbalance
 from dp_controller.dispatching import Dispatcher
 from dp_controller.fleet import SchedulerFleet
@@ -55,11 +62,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra flag for spawned schedulers (repeatable, e.g. --scheduler-arg=--executor=sim)",
     )
     pol = parser.add_argument_group("dispatch policy")
-    pol.add_argument("--policy", choices=POLICIES, default=Policy.REQUESTS_THEN_WORK.value)
+    pol.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default=CONTROLLER_POLICY.value,
+        help="how ranks are chosen (dp_controller.budget.Policy; length_aware: length-aware "
+        "routing on prompt length and max_new_tokens; overwrite: the reference design) "
+        "(default %(default)s)",
+    )
     pol.add_argument("--refresh-interval-ms", type=float, default=20.0)
     pol.add_argument("--stale-policy", choices=[s.value for s in StalePolicy], default="saturated")
     pol.add_argument("--stale-after-s", type=float, default=DEFAULT_STALE_AFTER_S)
     pol.add_argument("--kv-weight", type=float, default=BudgetConfig().kv_weight)
+    pol.add_argument(
+        "--request-slack",
+        type=int,
+        default=BudgetConfig().request_slack,
+        help="requests_then_work, power_of_two, length_aware: eligible ranks are within this "
+        "many requests of the fewest (default %(default)s)",
+    )
+    pol.add_argument(
+        "--class-weight",
+        type=float,
+        default=BudgetConfig().class_weight,
+        help="length_aware: weight of the rank's outstanding requests of the same output-length "
+        "class (default %(default)s)",
+    )
+    pol.add_argument(
+        "--count-weight",
+        type=float,
+        default=BudgetConfig().count_weight,
+        help="length_aware: weight of the rank's outstanding requests (default %(default)s)",
+    )
     wl = parser.add_argument_group("workload")
     wl.add_argument("--workload", choices=sorted(PRESETS), default="bursty")
     wl.add_argument("--seed", type=int, default=0)
@@ -77,7 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def make_dispatcher(
     policy: str, reader: ShmReader, dp_size: int, config: BudgetConfig | None = None
 ) -> Dispatcher:
-    """A dispatcher by name: a :class:`Policy` value, or ``overwrite`` for the baseline."""
+    """A dispatcher by name: a :class:`Policy` value, or ``overwrite`` for the baseline.
+
+    ``config`` supplies every other tunable (its ``policy`` is replaced by ``policy``)."""
     cfg = config or BudgetConfig()
     if policy == "overwrite":
         return OverwriteBudget(reader, cfg.refresh_interval_s, dp_size=dp_size)
@@ -85,18 +121,7 @@ def make_dispatcher(
         chosen = Policy(policy)
     except ValueError:
         raise UsageError(f"unknown policy: policy={policy}; valid: {', '.join(POLICIES)}") from None
-    return DPBudget(
-        reader,
-        BudgetConfig(
-            policy=chosen,
-            refresh_interval_s=cfg.refresh_interval_s,
-            stale_policy=cfg.stale_policy,
-            stale_after_s=cfg.stale_after_s,
-            kv_weight=cfg.kv_weight,
-            throughput_floor=cfg.throughput_floor,
-        ),
-        dp_size=dp_size,
-    )
+    return DPBudget(reader, dataclasses.replace(cfg, policy=chosen), dp_size=dp_size)
 
 
 def summary(run: TraceRun, dp_size: int) -> dict[str, Any]:
@@ -154,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
             stale_policy=StalePolicy(args.stale_policy),
             stale_after_s=args.stale_after_s,
             kv_weight=args.kv_weight,
+            request_slack=args.request_slack,
+            class_weight=args.class_weight,
+            count_weight=args.count_weight,
         )
         overrides = {
             k: v for k, v in (("seed", args.seed), ("duration_s", args.duration_s)) if v is not None

@@ -24,6 +24,12 @@ dropped and counted in ``late_results``: no request is reported twice. A result 
 ``(dp_rank, rid, dispatch_seq)``, so another controller's result is never taken for one of ours
 (``unknown_results``).
 
+Every request is dispatched with its ``max_new_tokens`` (``Dispatcher.dispatch``), and every
+result a :class:`~dp_controller.budget.DPBudget` dispatcher handed out, the scheduler's or one
+the controller made for a dead or restarted rank, is reported back to it
+(:meth:`~dp_controller.budget.DPBudget.complete`), the moment it is taken: the
+``length_aware`` policy counts what is outstanding per rank from these, not from snapshots.
+
 Taking over: a new controller against running schedulers (the previous one crashed or closed)
 reads each rank's ``last_accepted_dispatch_seq`` at start and continues that rank's numbering
 after it (:meth:`~dp_controller.ledger.DispatchLedger.rebase`), so the schedulers' contiguous
@@ -339,7 +345,10 @@ class Controller:
             return
         now = self._clock()
         failed, out = self._failed, self._finished
+        budget = self._budget
         for rid, (seq, prompt_len, t0) in pending.items():
+            if budget is not None:
+                budget.complete(rank, seq)
             out.append(
                 Finished(
                     rid=rid,
@@ -385,6 +394,8 @@ class Controller:
             return
         del self._inflight[rank][rid]
         self.outstanding[rank] -= 1
+        if self._budget is not None:
+            self._budget.complete(rank, message.dispatch_seq)
         self._finished.append(message)
 
     # --- sending ----------------------------------------------------------------------------
@@ -447,7 +458,7 @@ class Controller:
         if rank is not None and not 0 <= rank < self.dp_size:
             raise UsageError(f"dp_rank out of range: dp_rank={rank} dp_size={self.dp_size}")
         est = len(prompt) + max_new_tokens if est_tokens is None else est_tokens
-        decision = self.dispatcher.dispatch(est, rank)
+        decision = self.dispatcher.dispatch(est, rank, max_new_tokens=max_new_tokens)
         budget = self._budget
         if budget is not None and budget.stats.refreshes != self._seen_refreshes:
             self._watch(budget)  # before this request is in flight: it went to the live process

@@ -33,8 +33,13 @@ class Dispatcher(Protocol):
         """Number of ranks."""
         ...
 
-    def dispatch(self, est_tokens: int, rank: int | None = None) -> Dispatch:
-        """Choose a rank (or take the caller's ``rank``: pinned) and record the dispatch."""
+    def dispatch(
+        self, est_tokens: int, rank: int | None = None, *, max_new_tokens: int | None = None
+    ) -> Dispatch:
+        """Choose a rank (or take the caller's ``rank``: pinned) and record the dispatch.
+
+        ``max_new_tokens`` is the request's output bound when the caller knows it (the
+        controller always passes it); a policy that does not use it ignores it."""
         ...
 
     def refresh(self, force: bool = False) -> bool:

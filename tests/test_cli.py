@@ -152,3 +152,19 @@ def test_help_teaches(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "--instance" in out
     assert "Example" in out or "While it runs" in out
+
+
+def test_demo_and_controller_help_name_the_controller_policy(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from dp_controller.budget import CONTROLLER_POLICY
+
+    expected = {
+        "demo": f"(default: the controller's, {CONTROLLER_POLICY.value})",
+        "controller": f"(default {CONTROLLER_POLICY.value})",
+    }
+    for command, phrase in expected.items():
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        assert phrase in " ".join(capsys.readouterr().out.split()), command
+    assert build_parser().parse_args(["controller"]).policy == CONTROLLER_POLICY.value

@@ -69,13 +69,19 @@ class FakeRank:
 class Rig:
     """A controller over a FakeSource, and one FakeRank per rank."""
 
-    def __init__(self, tmp: Path, dp_size: int, acks: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        dp_size: int,
+        acks: list[int] | None = None,
+        policy: Policy = Policy.TOTAL_REQUESTS,
+    ) -> None:
         self.clock = FakeClock()
         self.source = FakeSource(dp_size, self.clock, stale_after_s=1.0)
         for rank in range(dp_size):
             ack = 0 if acks is None else acks[rank]
             self.source.publish(rank, epoch=1, last_accepted_dispatch_seq=ack)
-        config = BudgetConfig(policy=Policy.TOTAL_REQUESTS, refresh_interval_s=0.0)
+        config = BudgetConfig(policy=policy, refresh_interval_s=0.0)
         self.budget = DPBudget(self.source, config, clock=self.clock)
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         req = [f"ipc://{tmp}/req-{r}" for r in range(dp_size)]
@@ -216,12 +222,17 @@ def test_another_controllers_result_is_never_taken_for_ours(rig: Rig) -> None:
     assert (done.rid, done.status) == (rid, "ok")
 
 
+@pytest.mark.parametrize("policy", [Policy.TOTAL_REQUESTS, Policy.LENGTH_AWARE])
 def test_random_deaths_restarts_and_results_every_request_reported_exactly_once(
-    tmp_path: Path,
+    tmp_path: Path, policy: Policy
 ) -> None:
-    """A seeded random interleaving of dispatches, results, deaths, restarts and polls."""
+    """A seeded random interleaving of dispatches, results, deaths, restarts and polls.
+
+    With ``LENGTH_AWARE`` the budget's outstanding requests per rank (from the results and
+    failures the controller reports to it) equal the controller's own after every step."""
     n = 3
-    rig = Rig(tmp_path, n)
+    rig = Rig(tmp_path, n, policy=policy)
+    tracked = rig.budget.outstanding if policy is Policy.LENGTH_AWARE else None
     rng = random.Random(8)
     epochs = [1] * n
     dead = [False] * n
@@ -266,6 +277,8 @@ def test_random_deaths_restarts_and_results_every_request_reported_exactly_once(
                 held[rank].clear()
             else:
                 take(rig.controller.poll(0.0))
+            if tracked is not None:
+                assert tracked.count == rig.controller.outstanding
         # Live processes finish everything they get; then every request must have its result.
         deadline = time.monotonic() + 10.0
         while sum(rig.controller.outstanding) > 0 and time.monotonic() < deadline:
@@ -282,5 +295,7 @@ def test_random_deaths_restarts_and_results_every_request_reported_exactly_once(
         assert failed == rig.controller.failed_requests and failed > 0
         assert submitted - failed > 0
         assert rig.controller.unknown_results == 0
+        if tracked is not None:
+            assert tracked.count == [0] * n and tracked.forgotten == 0
     finally:
         rig.close()

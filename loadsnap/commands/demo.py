@@ -62,7 +62,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--workload", default="poisson", help="poisson, bursty or tiny")
     parser.add_argument("--rate-rps", type=float, default=None, help="request rate override")
-    parser.add_argument("--policy", default="requests_then_work", help="dispatch policy")
+    parser.add_argument(
+        "--policy", default=None, help="dispatch policy (default: the controller's, length_aware)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
     parser.add_argument(
         "--transport",
@@ -172,6 +174,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; exit status 0 after a clean stop, 1 when a part failed."""
+    from dp_controller.budget import CONTROLLER_POLICY
     from dp_controller.cli import make_dispatcher
     from dp_controller.controller import Controller
     from dp_controller.fleet import SchedulerFleet
@@ -181,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     from loadsnap.shm_reader import ShmReader
 
     interactive = sys.stdout.isatty() and sys.stdin.isatty()
+    args.policy = args.policy or CONTROLLER_POLICY.value
     duration = args.duration
     if duration is None and not interactive:
         duration = NON_INTERACTIVE_DURATION_S
