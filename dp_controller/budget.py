@@ -63,7 +63,6 @@ import logging
 import math
 import random
 from bisect import bisect_left
-from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -71,64 +70,40 @@ import numpy.typing as npt
 
 from dp_controller.dispatching import Clock, Dispatch, monotonic_clock
 from dp_controller.ledger import DispatchLedger
+from dp_controller.outstanding import Outstanding, length_class
+from dp_controller.policy import (
+    CONTROLLER_POLICY,
+    DEFAULT_REFRESH_INTERVAL_S,
+    BudgetConfig,
+    Policy,
+    StalePolicy,
+)
 from loadsnap.errors import LoadsnapError, UsageError
-from loadsnap.reading import DEFAULT_STALE_AFTER_S, HotTable, SlotStatus, SnapshotSource
+from loadsnap.reading import HotTable, SlotStatus, SnapshotSource
 
-__all__ = [
+__all__ = [  # the policy names are re-exported: callers import them from here
     "CONTROLLER_POLICY",
     "DEFAULT_REFRESH_INTERVAL_S",
     "BudgetConfig",
     "BudgetStats",
     "DPBudget",
+    "Outstanding",
     "Policy",
     "StalePolicy",
     "check_publish_period",
+    "length_class",
 ]
 
 log = logging.getLogger("dp_controller")
 
-DEFAULT_REFRESH_INTERVAL_S: Final[float] = 0.020
 # TOTAL_TOKENS packs (tokens, requests) into one float64 key: requests below 2**20 per rank.
 _REQ_SCALE: Final[float] = float(2**20)
 _MAX_USAGE: Final[float] = 0.999
-# Output-length classes: 0 for an unknown bound, else 1 + ceil(log2(max_new_tokens)).
-N_LENGTH_CLASSES: Final[int] = 66
 # LENGTH_AWARE: weight of a new prompt length in the moving average of prompt lengths.
 _PROMPT_EWMA: Final[float] = 1.0 / 32.0
 
-_I64 = npt.NDArray[np.int64]
 # Up to this many ranks a decision loops in Python (faster than numpy's per-call overhead).
 SCALAR_MAX_DP: Final[int] = 32
-
-
-class Policy(enum.Enum):
-    """How a rank is chosen."""
-
-    ROUND_ROBIN = "round_robin"
-    TOTAL_REQUESTS = "total_requests"  # running + waiting (+ unacknowledged)
-    TOTAL_TOKENS = "total_tokens"  # num_total_tokens (+ unacknowledged), requests break ties
-    # Queued work over throughput, times a convex KV-pressure penalty 1 + w * u**2 / (1 - u).
-    WORK_OVER_THROUGHPUT = "work_over_throughput"
-    # Ranks within ``request_slack`` of the fewest requests, then the WORK_OVER_THROUGHPUT score.
-    REQUESTS_THEN_WORK = "requests_then_work"
-    # REQUESTS_THEN_WORK over two ranks drawn at random (seeded): O(1) per decision.
-    POWER_OF_TWO = "power_of_two"
-    # Outstanding prompt work, requests of this output-length class and requests (module
-    # docstring): needs max_new_tokens at dispatch and completions (DPBudget.complete).
-    LENGTH_AWARE = "length_aware"
-
-
-# What the controller process runs by default. It reports every result to its budget
-# (DPBudget.complete), which LENGTH_AWARE needs; BudgetConfig's own default stays
-# REQUESTS_THEN_WORK because a bare DPBudget hears of completions only if its caller reports them.
-CONTROLLER_POLICY: Final[Policy] = Policy.LENGTH_AWARE
-
-
-class StalePolicy(enum.Enum):
-    """What a stale rank's numbers are worth."""
-
-    SATURATED = "saturated"  # never chosen while a fresh rank exists
-    IGNORE = "ignore"  # scored like a fresh rank on its last numbers
 
 
 class RankHealth(enum.IntEnum):
@@ -151,66 +126,6 @@ _HEALTH_OF_STATUS: Final[npt.NDArray[np.uint8]] = np.array(
     dtype=np.uint8,
 )
 assert len(_HEALTH_OF_STATUS) == len(SlotStatus)
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetConfig:
-    """Tunables of :class:`DPBudget`.
-
-    Parameters
-    ----------
-    policy:
-        How ranks are scored.
-    refresh_interval_s:
-        Minimum time between two reads of the load source (the reference design's 20 ms).
-    stale_policy:
-        What stale ranks are worth.
-    stale_after_s:
-        The staleness budget the source applies; used to warn when a rank publishes less often.
-    kv_weight:
-        Weight of the KV-pressure penalty (``WORK_OVER_THROUGHPUT``).
-    throughput_floor:
-        Minimum tokens/s assumed for any rank. A rank without waiting requests is assumed to
-        run as fast as the fastest usable rank (its own throughput reflects demand, not
-        capacity); a rank with a queue is taken at its reported throughput.
-    request_slack:
-        ``REQUESTS_THEN_WORK``, ``POWER_OF_TWO`` and ``LENGTH_AWARE``: a rank is eligible when
-        its budgeted (``LENGTH_AWARE``: outstanding) requests exceed the fewest by at most this
-        many (0: strictly fewest first).
-    seed:
-        ``POWER_OF_TWO``: seed of the generator that draws the two ranks.
-    class_weight, count_weight:
-        ``LENGTH_AWARE``: weights of the outstanding requests of the request's output-length
-        class and of all outstanding requests, against prompt work counted in typical prompts
-        (module docstring). Both 0: prompt work alone.
-    """
-
-    policy: Policy = Policy.REQUESTS_THEN_WORK
-    refresh_interval_s: float = DEFAULT_REFRESH_INTERVAL_S
-    stale_policy: StalePolicy = StalePolicy.SATURATED
-    stale_after_s: float = DEFAULT_STALE_AFTER_S
-    kv_weight: float = 4.0
-    throughput_floor: float = 1.0
-    request_slack: int = 1
-    seed: int = 0
-    class_weight: float = 2.0
-    count_weight: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not self.refresh_interval_s >= 0:
-            raise UsageError(f"refresh_interval_s must be >= 0: {self.refresh_interval_s}")
-        if not self.stale_after_s > 0:
-            raise UsageError(f"stale_after_s must be > 0: stale_after_s={self.stale_after_s}")
-        if not (self.kv_weight >= 0 and math.isfinite(self.kv_weight)):
-            raise UsageError(f"kv_weight must be finite and >= 0: kv_weight={self.kv_weight}")
-        if not self.throughput_floor > 0:
-            raise UsageError(f"throughput_floor must be > 0: {self.throughput_floor}")
-        if self.request_slack < 0:
-            raise UsageError(f"request_slack must be >= 0: request_slack={self.request_slack}")
-        for name in ("class_weight", "count_weight"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise UsageError(f"{name} must be finite and >= 0: {name}={value}")
 
 
 class BudgetStats:
@@ -251,134 +166,6 @@ def check_publish_period(publish_period_s: float, stale_after_s: float) -> bool:
         )
         return False
     return True
-
-
-def length_class(max_new_tokens: int | None) -> int:
-    """The output-length class of a request: ``0`` when its bound is unknown, else
-    ``1 + ceil(log2(max_new_tokens))`` (1: one token, 2: two, 3: 3-4, 4: 5-8, ..., 7: 33-64,
-    8: 65-128), capped at ``N_LENGTH_CLASSES - 1``."""
-    if max_new_tokens is None or max_new_tokens < 1:
-        return 0
-    return min((max_new_tokens - 1).bit_length() + 1, N_LENGTH_CLASSES - 1)
-
-
-class Outstanding:
-    """Per rank, the requests dispatched and not yet completed, by output-length class.
-
-    The budget records each dispatch (:meth:`record`); the controller reports each result,
-    successful or failed (:meth:`DPBudget.complete`). A completion is matched on
-    ``(rank, dispatch seq)``: one that matches nothing (reported twice, dropped by a reset,
-    never recorded) changes nothing, so every count is exactly the recorded entries not yet
-    completed (never negative). At most ``max_per_rank`` entries are kept per rank: beyond it
-    the oldest is forgotten (counted in :attr:`forgotten`), so a caller that never reports
-    completions does not grow memory without bound. Single owner; not thread-safe.
-
-    Attributes
-    ----------
-    count, prompt_tokens:
-        Per rank: outstanding requests and the sum of their prompt tokens.
-    by_class:
-        Per rank, ``N_LENGTH_CLASSES`` outstanding counts indexed by :func:`length_class`.
-    arrays:
-        With ``arrays=True``, the same numbers as numpy arrays ``(count, prompt_tokens,
-        by_class)`` of shapes ``(n,)``, ``(n,)``, ``(n, N_LENGTH_CLASSES)``, kept in step (for
-        the vectorised decisions of large deployments); else ``None``. Read-only for callers.
-    forgotten:
-        Entries dropped because their rank already held ``max_per_rank``.
-    """
-
-    __slots__ = (
-        "_entries",
-        "arrays",
-        "by_class",
-        "count",
-        "forgotten",
-        "max_per_rank",
-        "prompt_tokens",
-    )
-
-    def __init__(self, dp_size: int, max_per_rank: int = 16_384, *, arrays: bool = False) -> None:
-        if dp_size < 1 or max_per_rank < 1:
-            raise UsageError(
-                f"need dp_size >= 1 and max_per_rank >= 1: dp_size={dp_size} "
-                f"max_per_rank={max_per_rank}"
-            )
-        self.max_per_rank = max_per_rank
-        self.count = [0] * dp_size
-        self.prompt_tokens = [0] * dp_size
-        self.by_class = [[0] * N_LENGTH_CLASSES for _ in range(dp_size)]
-        self._entries: list[dict[int, tuple[int, int]]] = [{} for _ in range(dp_size)]
-        self.forgotten = 0
-        self.arrays: tuple[_I64, _I64, _I64] | None = None
-        if arrays:
-            self.arrays = (
-                np.zeros(dp_size, dtype=np.int64),
-                np.zeros(dp_size, dtype=np.int64),
-                np.zeros((dp_size, N_LENGTH_CLASSES), dtype=np.int64),
-            )
-
-    def record(self, rank: int, seq: int, cls: int, prompt_tokens: int) -> None:
-        """Count dispatch ``seq`` of ``rank`` (class ``cls``, ``prompt_tokens``) as outstanding.
-
-        A ``seq`` already outstanding on ``rank`` is replaced (the ledger never reuses one)."""
-        entries = self._entries[rank]
-        if seq in entries:
-            self._drop(rank, seq)
-        elif len(entries) >= self.max_per_rank:
-            self._drop(rank, next(iter(entries)))
-            if not self.forgotten:
-                log.warning(
-                    "length_aware: dp_rank=%d holds max_per_rank=%d outstanding requests; "
-                    "forgetting the oldest (are completions reported with DPBudget.complete?)",
-                    rank,
-                    self.max_per_rank,
-                )
-            self.forgotten += 1
-        entries[seq] = (cls, prompt_tokens)
-        self.count[rank] += 1
-        self.prompt_tokens[rank] += prompt_tokens
-        self.by_class[rank][cls] += 1
-        if self.arrays is not None:
-            count, prompts, by_class = self.arrays
-            count[rank] += 1
-            prompts[rank] += prompt_tokens
-            by_class[rank, cls] += 1
-
-    def complete(self, rank: int, seq: int) -> bool:
-        """Stop counting dispatch ``seq`` of ``rank``; False when it was not outstanding."""
-        if not 0 <= rank < len(self._entries) or seq not in self._entries[rank]:
-            return False
-        self._drop(rank, seq)
-        return True
-
-    def _drop(self, rank: int, seq: int) -> None:
-        cls, prompt = self._entries[rank].pop(seq)
-        self.count[rank] -= 1
-        self.prompt_tokens[rank] -= prompt
-        self.by_class[rank][cls] -= 1
-        if self.arrays is not None:
-            count, prompts, by_class = self.arrays
-            count[rank] -= 1
-            prompts[rank] -= prompt
-            by_class[rank, cls] -= 1
-
-    def reset_rank(self, rank: int) -> int:
-        """Forget everything outstanding on ``rank`` (its scheduler restarted); return how many
-        entries were dropped. Their completions, reported later, match nothing."""
-        entries = self._entries[rank]
-        dropped = len(entries)
-        entries.clear()
-        self.count[rank] = 0
-        self.prompt_tokens[rank] = 0
-        self.by_class[rank] = [0] * N_LENGTH_CLASSES
-        if self.arrays is not None:
-            for array in self.arrays:
-                array[rank] = 0
-        return dropped
-
-    def seqs(self, rank: int) -> list[int]:
-        """The outstanding dispatch sequences of ``rank``, oldest first."""
-        return list(self._entries[rank])
 
 
 class DPBudget:
