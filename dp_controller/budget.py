@@ -415,14 +415,18 @@ class DPBudget:
         """
         self.refresh()
         self.stats.decisions += 1
-        if self._track:
-            return self._dispatch_tracked(est_tokens, rank, max_new_tokens)
+        track = self._track  # LENGTH_AWARE: every dispatch is outstanding until completed
+        cls = prompt = 0
+        if track:
+            cls, prompt = self._length_of(est_tokens, max_new_tokens)
         if rank is not None:
             self.stats.pinned += 1
-            return Dispatch(rank, self.ledger.record(rank, est_tokens))
-        if self._fail_open:
+            chosen = rank
+        elif self._fail_open:
             self.stats.fail_open_decisions += 1
             chosen = self._next_round_robin()
+        elif track:
+            chosen = self._choose_length_aware(cls, prompt)
         elif self._policy is Policy.ROUND_ROBIN:
             chosen = self._next_round_robin()
         elif self._policy is Policy.POWER_OF_TWO:
@@ -431,36 +435,27 @@ class DPBudget:
             chosen = self._choose_scalar(est_tokens)
         else:
             chosen = self._argmin(self.scores(est_tokens))
-        return Dispatch(chosen, self.ledger.record(chosen, est_tokens))
+        seq = self.ledger.record(chosen, est_tokens)  # raises on a bad rank or est_tokens
+        if track:
+            self.outstanding.record(chosen, seq, cls, prompt)
+        return Dispatch(chosen, seq)
 
-    def _dispatch_tracked(
-        self, est_tokens: int, rank: int | None, max_new_tokens: int | None
-    ) -> Dispatch:
-        # LENGTH_AWARE: every dispatch (pinned and fail-open ones included) is outstanding
-        # until its completion is reported.
+    @staticmethod
+    def _length_of(est_tokens: int, max_new_tokens: int | None) -> tuple[int, int]:
+        # (output-length class, prompt tokens) of a request, as LENGTH_AWARE reads it.
         if est_tokens < 0:
             raise UsageError(f"est_tokens must be >= 0: est_tokens={est_tokens}")
         if max_new_tokens is None:
-            cls, prompt = 0, est_tokens
-        else:
-            cls = length_class(max_new_tokens)
-            prompt = est_tokens - max_new_tokens if est_tokens > max_new_tokens else 0
-        if rank is not None:
-            self.stats.pinned += 1
-            chosen = rank
-        elif self._fail_open:
-            self.stats.fail_open_decisions += 1
-            chosen = self._next_round_robin()
-        else:
-            pbar = self._pbar
-            self._pbar = pbar + (prompt - pbar) * _PROMPT_EWMA if pbar > 0 else float(prompt)
-            if self._n <= SCALAR_MAX_DP:
-                chosen = self._choose_length(cls, prompt)
-            else:
-                chosen = self._argmin(self._length_scores(cls, prompt))
-        seq = self.ledger.record(chosen, est_tokens)  # raises on a bad rank or est_tokens
-        self.outstanding.record(chosen, seq, cls, prompt)
-        return Dispatch(chosen, seq)
+            return 0, est_tokens
+        prompt = est_tokens - max_new_tokens if est_tokens > max_new_tokens else 0
+        return length_class(max_new_tokens), prompt
+
+    def _choose_length_aware(self, cls: int, prompt: int) -> int:
+        pbar = self._pbar
+        self._pbar = pbar + (prompt - pbar) * _PROMPT_EWMA if pbar > 0 else float(prompt)
+        if self._n <= SCALAR_MAX_DP:
+            return self._choose_length(cls, prompt)
+        return self._argmin(self._length_scores(cls, prompt))
 
     def complete(self, rank: int, seq: int) -> bool:
         """Report that request ``seq`` of ``rank`` ended: its result arrived, or it was reported
@@ -599,10 +594,7 @@ class DPBudget:
         ledger = self.ledger
         policy = self._policy
         if policy is Policy.LENGTH_AWARE:
-            if max_new_tokens is None:
-                return self._length_scores(0, est_tokens)
-            prompt = est_tokens - max_new_tokens if est_tokens > max_new_tokens else 0
-            return self._length_scores(length_class(max_new_tokens), prompt)
+            return self._length_scores(*self._length_of(est_tokens, max_new_tokens))
         if policy is Policy.REQUESTS_THEN_WORK or policy is Policy.POWER_OF_TWO:
             reqs = self.reported_reqs + ledger.unacked_count + self._penalty
             eligible = reqs <= reqs.min() + self._slack
