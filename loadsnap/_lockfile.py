@@ -157,7 +157,11 @@ class LockFile:
 def _open_failure(exc: OSError, path: str, what: str) -> str:
     directory = os.path.dirname(path) or "."
     reasons = {
-        errno.ENOENT: f"directory {directory} does not exist",
+        errno.ENOENT: (
+            f"cannot create files in {directory}"
+            if os.path.isdir(directory)
+            else f"directory {directory} does not exist"
+        ),
         errno.ENOTDIR: f"{directory} is not a directory",
         errno.EACCES: f"no permission to create or open it in {directory}",
         errno.EPERM: f"no permission to create or open it in {directory}",
