@@ -24,16 +24,12 @@ import stat
 import time
 from typing import Final
 
-from loadsnap.errors import SegmentError
+from loadsnap.errors import LockHeldError, SegmentError
 
 __all__ = ["LockFile", "LockHeldError"]
 
 _POLL_S: Final[float] = 0.01
 _CONTENDED: Final[frozenset[int]] = frozenset({errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK})
-
-
-class LockHeldError(SegmentError):
-    """Another process holds the lock (at once for ``timeout_s=0``, else after the timeout)."""
 
 
 class LockFile:

@@ -1,14 +1,22 @@
-"""The segment file: naming, race-free creation, safe attach, validation, reclaim, unlink.
+"""The segment file: location, race-free creation, safe attach, validation, reclaim, unlink.
 
-Transport layer: owns file descriptors and mappings; knows nothing of snapshots. Creation and
-slot claiming happen under a per-instance file lock (filelock), so when several schedulers
-start at once the first creates and initialises and the rest attach. Publishing never takes
-that lock.
+Transport layer: owns file descriptors and mappings; knows nothing of snapshots.
+
+Creation, attaching and unlinking happen under the instance lock (``loadsnap._lockfile``, a
+lock file beside the segment), so when several schedulers start at once the first creates and
+initialises and the rest attach, and a file found unfinished under the lock is known to be the
+leftover of a creator that died. Publishing and reading never take that lock.
+
+Every open is non-blocking and refuses symlinks, so a FIFO, device or directory planted at the
+segment's path (``/dev/shm`` is world-writable) is refused with a :class:`SegmentError`
+instead of hanging a reader. A ``MappedSegment`` keeps its descriptor: writers hold their
+liveness locks through it and readers probe them through it (``loadsnap._liveness``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import re
@@ -16,17 +24,22 @@ import secrets
 import stat
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import filelock
-
-from loadsnap._liveness import process_alive
-from loadsnap.errors import LayoutError, SegmentError, UsageError
+from loadsnap import _liveness
+from loadsnap._lockfile import LockFile
+from loadsnap.errors import (
+    LayoutError,
+    SegmentError,
+    SegmentInUseError,
+    SegmentNotReadyError,
+    UsageError,
+)
 from loadsnap.layout import (
     CTRL_WRITER_PID_OFFSET,
-    CTRL_WRITER_START_OFFSET,
     HEADER_SIZE,
     HEADER_STRUCT,
     LAYOUT_MAJOR,
@@ -34,6 +47,7 @@ from loadsnap.layout import (
     MAGIC,
     READY_OFFSET,
     READY_VALUE,
+    WRITERS_LOCK_OFFSET,
     SegmentGeometry,
     round_up,
 )
@@ -42,10 +56,14 @@ __all__ = [
     "LOCK_TIMEOUT_S",
     "MappedSegment",
     "SegmentHeader",
+    "SegmentLocation",
+    "any_writer_attached",
+    "check_shm_dir",
     "create_or_attach",
     "instance_lock",
     "open_readonly",
     "read_header",
+    "remove_segment_file",
     "segment_path",
     "unlink_segment",
     "validate_instance",
@@ -56,11 +74,15 @@ _INSTANCE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PREFIX: Final[str] = "loadsnap-"
 _MACOS_NAME_MAX: Final[int] = 30
 _DEFAULT_SHM_DIR: Final[str] = "/dev/shm"
+# Linux's shm_open is open() under /dev/shm, which we do ourselves to add O_NONBLOCK; elsewhere
+# (macOS) shm objects live outside the file system and go through posix_ipc.
+_SHM_IS_FILES: Final[bool] = sys.platform.startswith("linux")
+_OPEN_FLAGS: Final[int] = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
 def validate_instance(instance: str) -> str:
     """Return ``instance`` if it is a valid instance name, else raise UsageError."""
-    if not _INSTANCE_RE.match(instance):
+    if not isinstance(instance, str) or not _INSTANCE_RE.match(instance):
         raise UsageError(
             f"invalid instance name: instance={instance!r}; use 1-64 characters of "
             "A-Z a-z 0-9 _ . - starting with a letter or digit"
@@ -70,33 +92,91 @@ def validate_instance(instance: str) -> str:
     return instance
 
 
-def _shm_dir(shm_dir: str | None) -> str | None:
-    """The directory holding segments, or None to go through posix_ipc (shm_open)."""
-    if shm_dir is not None:
-        return shm_dir
-    return os.environ.get("LOADSNAP_SHM_DIR") or None
+@dataclass(frozen=True)
+class SegmentLocation:
+    """Where one instance's segment and lock file live. Immutable; validated on creation.
+
+    ``shm_dir`` None means ``$LOADSNAP_SHM_DIR`` or, without it, ``/dev/shm`` (``shm_open``).
+    A given directory must exist: it is never created, so a misspelled one fails here instead
+    of splitting writers and readers between two places.
+    """
+
+    instance: str
+    shm_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_instance(self.instance)
+        directory = self.shm_dir
+        if directory is None:
+            directory = os.environ.get("LOADSNAP_SHM_DIR") or None
+            object.__setattr__(self, "shm_dir", directory)
+        if directory is not None:
+            check_shm_dir(directory)
+
+    @property
+    def directory(self) -> str:
+        """The directory holding the segment file (``/dev/shm`` by default)."""
+        return self.shm_dir or _DEFAULT_SHM_DIR
+
+    @property
+    def path(self) -> str:
+        """The segment file's path (for diagnostics and cleanup)."""
+        return str(Path(self.directory) / f"{_PREFIX}{self.instance}")
+
+    @property
+    def lock_path(self) -> str:
+        """The instance lock file's path (beside the segment; /tmp where shm is not files)."""
+        directory = self.shm_dir
+        if directory is None:
+            directory = _DEFAULT_SHM_DIR if os.path.isdir(_DEFAULT_SHM_DIR) else "/tmp"
+        return str(Path(directory) / f"{_PREFIX}{self.instance}.lock")
+
+    @property
+    def _via_shm_open(self) -> bool:
+        return self.shm_dir is None and not _SHM_IS_FILES
+
+
+def check_shm_dir(directory: str) -> None:
+    """Refuse a segment directory that does not exist or is not a directory (UsageError)."""
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        raise UsageError(
+            f"shm directory does not exist: shm_dir={directory}; create a memory-backed "
+            "directory or fix --shm-dir / LOADSNAP_SHM_DIR"
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"shm directory unusable: {exc.strerror} (shm_dir={directory})") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(
+            f"shm directory is not a directory: shm_dir={directory}; fix --shm-dir / "
+            "LOADSNAP_SHM_DIR"
+        )
 
 
 def segment_path(instance: str, shm_dir: str | None = None) -> str:
     """Where the segment of ``instance`` lives (for diagnostics and cleanup)."""
-    directory = _shm_dir(shm_dir) or _DEFAULT_SHM_DIR
-    return str(Path(directory) / f"{_PREFIX}{validate_instance(instance)}")
+    return SegmentLocation(instance, shm_dir).path
 
 
-def _lock_path(instance: str, shm_dir: str | None) -> str:
-    directory = _shm_dir(shm_dir)
-    if directory is None:
-        directory = _DEFAULT_SHM_DIR if os.path.isdir(_DEFAULT_SHM_DIR) else "/tmp"
-    return str(Path(directory) / f"{_PREFIX}{validate_instance(instance)}.lock")
+@contextlib.contextmanager
+def instance_lock(location: SegmentLocation) -> Iterator[None]:
+    """Hold the instance lock; on release, remove its file when no segment remains.
 
-
-def instance_lock(instance: str, shm_dir: str | None = None) -> filelock.FileLock:
-    """The per-instance creation lock. Refuses a symlink planted at its path."""
-    path = _lock_path(instance, shm_dir)
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISLNK(os.lstat(path).st_mode):
-            raise SegmentError(f"refusing symlinked lock file (lock={path})")
-    return filelock.FileLock(path, timeout=LOCK_TIMEOUT_S, mode=0o600)
+    Raises
+    ------
+    SegmentError
+        The lock file cannot be used (the message says why) or another process held the
+        lock for ``LOCK_TIMEOUT_S``.
+    """
+    lock = LockFile(location.lock_path, "instance lock")
+    lock.acquire(LOCK_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        # Removing it while held is safe (LockFile re-checks the inode), so an instance that
+        # ends, or whose creation was refused, leaves nothing behind.
+        lock.release(remove=_SHM_IS_FILES and not os.path.lexists(location.path))
 
 
 @dataclass(frozen=True)
@@ -141,61 +221,114 @@ def read_header(buf: memoryview | bytes) -> SegmentHeader:
 
 
 class MappedSegment:
-    """An open, validated mapping of a segment. Not thread-safe to close while in use."""
+    """An open, validated mapping of a segment with its descriptor. Not thread-safe to close."""
 
-    __slots__ = ("buf", "header", "identity", "mm", "name", "writable")
+    __slots__ = ("buf", "fd", "header", "identity", "mm", "name", "writable")
 
-    def __init__(self, name: str, mm: mmap.mmap, writable: bool, identity: tuple[int, int]) -> None:
+    def __init__(self, name: str, fd: int, mm: mmap.mmap, writable: bool) -> None:
+        st = os.fstat(fd)
         self.name = name
+        self.fd = fd  # kept open: liveness locks are held and probed through it
         self.mm = mm
         self.buf = memoryview(mm)
         self.writable = writable
-        self.identity = identity  # (st_dev, st_ino): tells a recreated segment from this one
+        self.identity = (st.st_dev, st.st_ino)  # tells a recreated segment from this one
         self.header = read_header(self.buf)
 
+    def writer_alive(self, lock_offset: int, pid: int) -> bool:
+        """Whether the writer that holds (or held) the lock byte at ``lock_offset`` lives."""
+        if _liveness.OFD_LOCKS:
+            return _liveness.locked(self.fd, lock_offset)
+        return _liveness.pid_alive(pid)
+
     def close(self) -> None:
-        """Release the mapping; views derived from ``buf`` must be released first."""
+        """Release the mapping and the descriptor (and with it every lock held through it).
+
+        Views derived from ``buf`` must be released first. Idempotent.
+        """
         self.buf.release()
         with contextlib.suppress(BufferError):
             self.mm.close()
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
-def _open_fd(instance: str, shm_dir: str | None, create: bool, writable: bool) -> int:
-    """Open the segment file. Raises FileNotFoundError/FileExistsError as os.open does."""
-    directory = _shm_dir(shm_dir)
-    if directory is None and _has_posix_ipc():
-        import posix_ipc
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
 
-        flags = posix_ipc.O_CREX if create else 0
-        try:
-            # size=0: posix_ipc truncates to `size` even when attaching.
-            memory = posix_ipc.SharedMemory(
-                f"/{_PREFIX}{instance}", flags=flags, mode=0o600, size=0, read_only=not writable
-            )
-        except posix_ipc.ExistentialError as exc:
-            raise (FileExistsError if create else FileNotFoundError)(str(exc)) from None
-        except posix_ipc.PermissionsError as exc:
-            raise PermissionError(str(exc)) from None
-        return int(memory.fd)  # the SharedMemory object only wraps this descriptor
-    path = segment_path(instance, shm_dir)
-    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+def _open_failure(exc: OSError, location: SegmentLocation) -> SegmentError:
+    name = location.path
+    reasons = {
+        errno.ELOOP: "a symlink is at the segment path; remove it",
+        errno.EISDIR: "a directory is at the segment path; remove it or use another instance",
+        errno.ENXIO: "a FIFO or device is at the segment path; remove it",
+        errno.EACCES: "permission denied; segments belong to the uid of their writers",
+        errno.EPERM: "permission denied; segments belong to the uid of their writers",
+        errno.EROFS: f"{location.directory} is read-only",
+        errno.ENOSPC: f"no space or inodes left in {location.directory}",
+        errno.EDQUOT: f"disk quota exceeded in {location.directory}",
+        errno.ENOTDIR: f"{location.directory} is not a directory",
+    }
+    reason = reasons.get(exc.errno or 0, exc.strerror or str(exc))
+    return SegmentError(f"cannot open: {reason} (segment={name})")
+
+
+def _open_fd(location: SegmentLocation, *, create: bool, writable: bool) -> int:
+    """Open the segment file without blocking or following links.
+
+    Raises FileNotFoundError (missing), FileExistsError (``create`` and it exists) or
+    SegmentError (anything else, explained).
+    """
+    if location._via_shm_open:
+        return _open_posix_ipc(location, create=create, writable=writable)
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | _OPEN_FLAGS
     if create:
         flags |= os.O_CREAT | os.O_EXCL
-    return os.open(path, flags, 0o600)
-
-
-def _has_posix_ipc() -> bool:
     try:
-        import posix_ipc  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        return os.open(location.path, flags, 0o600)
+    except (FileNotFoundError, FileExistsError):
+        raise
+    except OSError as exc:
+        raise _open_failure(exc, location) from exc
+
+
+def _open_posix_ipc(location: SegmentLocation, *, create: bool, writable: bool) -> int:
+    import posix_ipc
+
+    flags = posix_ipc.O_CREX if create else 0
+    try:
+        # size=0: posix_ipc truncates to `size` even when attaching.
+        memory = posix_ipc.SharedMemory(
+            f"/{_PREFIX}{location.instance}",
+            flags=flags,
+            mode=0o600,
+            size=0,
+            read_only=not writable,
+        )
+    except posix_ipc.ExistentialError as exc:
+        raise (FileExistsError if create else FileNotFoundError)(str(exc)) from None
+    except (posix_ipc.PermissionsError, OSError) as exc:
+        raise SegmentError(f"cannot open: {exc} (segment={location.path})") from None
+    return int(memory.fd)  # the SharedMemory object only wraps this descriptor
 
 
 def _check_file(fd: int, name: str) -> os.stat_result:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        raise SegmentError(f"not a regular file (segment={name})")
+        raise SegmentError(
+            f"not a segment: {_kind(st.st_mode)} is at the segment path; remove it or use "
+            f"another instance name (segment={name})"
+        )
     if st.st_uid != os.geteuid():
         raise SegmentError(
             f"owner mismatch: expected uid={os.geteuid()} found uid={st.st_uid} (segment={name})"
@@ -209,11 +342,23 @@ def _check_file(fd: int, name: str) -> os.stat_result:
     return st
 
 
+def _header_ready(header: SegmentHeader, size: int, name: str) -> bool:
+    """Whether the creator finished: the header's ready word is stored last.
+
+    A creator writes our magic (or nothing yet) before the ready word, so an unfinished file
+    with other bytes there is not one of ours: LayoutError.
+    """
+    if size >= HEADER_SIZE and header.ready == READY_VALUE:
+        return True
+    if header.magic not in (0, MAGIC):
+        raise LayoutError(
+            f"bad magic: expected={MAGIC:#x} found={header.magic:#x} (segment={name})"
+        )
+    return False
+
+
 def _validate_header(header: SegmentHeader, size: int, name: str) -> None:
-    if size < HEADER_SIZE:
-        raise LayoutError(f"short file: size={size} expected>={HEADER_SIZE} (segment={name})")
-    if header.magic == 0 and header.ready == 0:
-        return  # created but the header not yet written: not ready, callers decide
+    """Check a ready header against the file. Raises LayoutError."""
     if header.magic != MAGIC:
         raise LayoutError(
             f"bad magic: expected={MAGIC:#x} found={header.magic:#x} (segment={name})"
@@ -222,8 +367,6 @@ def _validate_header(header: SegmentHeader, size: int, name: str) -> None:
         raise LayoutError(
             f"layout_major: expected={LAYOUT_MAJOR} found={header.layout_major} (segment={name})"
         )
-    if header.ready != READY_VALUE:
-        return  # not initialised yet; callers decide what that means
     try:
         geometry = SegmentGeometry(header.dp_size, header.payload_capacity)
     except UsageError as exc:
@@ -246,56 +389,45 @@ def _validate_header(header: SegmentHeader, size: int, name: str) -> None:
         )
 
 
-def open_readonly(instance: str, shm_dir: str | None = None) -> MappedSegment:
-    """Attach read-only; never creates, truncates or resizes.
+def _read_header_fd(fd: int, size: int) -> SegmentHeader:
+    raw = os.pread(fd, HEADER_SIZE, 0) if size >= HEADER_SIZE else b""
+    return read_header(raw.ljust(HEADER_SIZE, b"\0"))
+
+
+def open_readonly(location: SegmentLocation) -> MappedSegment:
+    """Attach read-only; never creates, truncates, resizes or blocks.
 
     Raises
     ------
     FileNotFoundError
         No segment yet.
+    SegmentNotReadyError
+        Its creator has not finished (or died before finishing; the next writer reclaims it).
     SegmentError, LayoutError
         A file that is not ours or not a valid segment.
     """
-    name = segment_path(instance, shm_dir)
-    try:
-        fd = _open_fd(validate_instance(instance), shm_dir, create=False, writable=False)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:  # a symlink (ELOOP), no permission...: not a segment we may read
-        raise SegmentError(f"cannot open: {exc} (segment={name})") from exc
+    name = location.path
+    fd = _open_fd(location, create=False, writable=False)
     try:
         st = _check_file(fd, name)
-        if st.st_size < HEADER_SIZE:
-            raise LayoutError(
-                f"short file: size={st.st_size} expected>={HEADER_SIZE} (segment={name})"
-            )
+        header = _read_header_fd(fd, st.st_size)
+        if not _header_ready(header, st.st_size, name):
+            raise SegmentNotReadyError(f"segment not initialised yet (segment={name})")
+        _validate_header(header, st.st_size, name)
         mm = (
             mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
             if hasattr(mmap, "PROT_READ")
             else mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
         )
-    finally:
+        return MappedSegment(name, fd, mm, writable=False)
+    except BaseException:
         os.close(fd)
-    segment = MappedSegment(name, mm, writable=False, identity=(st.st_dev, st.st_ino))
-    try:
-        _validate_header(segment.header, st.st_size, name)
-    except Exception:
-        segment.close()
         raise
-    return segment
 
 
-def _map_writable(instance: str, shm_dir: str | None, fd: int, size: int) -> MappedSegment:
-    st = os.fstat(fd)
-    mm = mmap.mmap(fd, size)
-    return MappedSegment(
-        segment_path(instance, shm_dir), mm, writable=True, identity=(st.st_dev, st.st_ino)
-    )
-
-
-def _create(instance: str, geometry: SegmentGeometry, shm_dir: str | None) -> MappedSegment:
-    name = segment_path(instance, shm_dir)
-    fd = _open_fd(instance, shm_dir, create=True, writable=True)
+def _create(location: SegmentLocation, geometry: SegmentGeometry) -> MappedSegment:
+    name = location.path
+    fd = _open_fd(location, create=True, writable=True)
     try:
         try:
             # Reserve every page now: a full tmpfs fails here, never as SIGBUS on a later store.
@@ -308,12 +440,11 @@ def _create(instance: str, geometry: SegmentGeometry, shm_dir: str | None) -> Ma
                 f"cannot reserve {geometry.total_size} bytes: {exc.strerror} (segment={name}); "
                 "is /dev/shm full or too small (docker --shm-size)?"
             ) from exc
-        segment = _map_writable(instance, shm_dir, fd, geometry.total_size)
+        segment = MappedSegment(name, fd, mmap.mmap(fd, geometry.total_size), writable=True)
     except BaseException:
         os.close(fd)
-        _unlink_quietly(instance, shm_dir)
+        remove_segment_file(location)
         raise
-    os.close(fd)
     HEADER_STRUCT.pack_into(
         segment.buf,
         0,
@@ -337,63 +468,64 @@ def _create(instance: str, geometry: SegmentGeometry, shm_dir: str | None) -> Ma
     return segment
 
 
-def _live_writers(buf: memoryview, header: SegmentHeader) -> list[tuple[int, int]]:
-    """(rank, pid) of every slot whose writer process is still alive."""
-    words = buf.cast("Q")
-    live = []
-    for rank in range(header.dp_size):
-        base = (HEADER_SIZE + rank * header.slot_size) // 8
-        pid = int(words[base + CTRL_WRITER_PID_OFFSET // 8])
-        start = int(words[base + CTRL_WRITER_START_OFFSET // 8])
-        if pid and process_alive(pid, start):
-            live.append((rank, pid))
-    words.release()
-    return live
+def any_writer_attached(segment: MappedSegment) -> bool:
+    """Whether a writer other than ``segment``'s own description is attached (one probe)."""
+    if _liveness.OFD_LOCKS:
+        return _liveness.locked(segment.fd, WRITERS_LOCK_OFFSET)
+    return _any_pid_alive(segment)
 
 
-def live_writers(segment: MappedSegment) -> list[tuple[int, int]]:
-    """(rank, pid) of every slot of ``segment`` whose writer is alive."""
-    return _live_writers(segment.buf, segment.header)
+def _any_pid_alive(segment: MappedSegment) -> bool:
+    # Fallback without OFD locks: scan every slot's pid (same pid namespace only).
+    header = segment.header
+    with segment.buf.cast("Q") as words:
+        for rank in range(header.dp_size):
+            pid = int(words[(HEADER_SIZE + rank * header.slot_size + CTRL_WRITER_PID_OFFSET) // 8])
+            if pid and pid != os.getpid() and _liveness.pid_alive(pid):
+                return True
+    return False
 
 
 def create_or_attach(
-    instance: str, geometry: SegmentGeometry, shm_dir: str | None = None
+    location: SegmentLocation, geometry: SegmentGeometry
 ) -> tuple[MappedSegment, bool]:
-    """Create the segment or attach to a live, matching one. Call with the instance lock held.
+    """Create the segment or attach to a matching one. Call with the instance lock held.
 
-    A ready segment with no live writer is stale (its deployment died) and is reclaimed: reused
-    in place when its geometry matches (slots keep their epochs, so restarted ranks bump
-    theirs), else unlinked and created anew. A segment with a live writer is never touched if
-    it does not match. Returns ``(segment, created)``.
+    A file whose creator never finished initialising it (we hold the lock, so that creator is
+    dead) is reclaimed. A ready segment with no attached writer is stale (its deployment
+    died): reused in place when its geometry matches (slots keep their epochs, so restarted
+    ranks bump theirs), else unlinked and created anew. A segment with an attached writer is
+    never touched if it does not match. Returns ``(segment, created)``.
+
+    Raises
+    ------
+    SegmentError, LayoutError
+        Not ours, not a segment, or another geometry with live writers; the message says
+        which and what to do.
     """
-    name = segment_path(instance, shm_dir)
+    name = location.path
     for _ in range(3):
         try:
-            return _create(instance, geometry, shm_dir), True
+            return _create(location, geometry), True
         except FileExistsError:
             pass
         try:
-            fd = _open_fd(instance, shm_dir, create=False, writable=True)
+            fd = _open_fd(location, create=False, writable=True)
         except FileNotFoundError:
             continue  # unlinked between our two opens: try creating again
-        except OSError as exc:
-            raise SegmentError(f"cannot open: {exc} (segment={name})") from exc
         try:
             st = _check_file(fd, name)
-            if st.st_size < HEADER_SIZE:
-                raise LayoutError(
-                    f"short file: size={st.st_size} expected>={HEADER_SIZE} (segment={name})"
-                )
-            header = read_header(os.pread(fd, HEADER_SIZE, 0))
-            _validate_header(header, st.st_size, name)
-            if header.ready != READY_VALUE:
-                # We hold the lock, so nobody is initialising it: its creator died mid-way.
-                _unlink_quietly(instance, shm_dir)
+            header = _read_header_fd(fd, st.st_size)
+            if not _header_ready(header, st.st_size, name):
+                # Creators hold the instance lock, as we do now: this one died mid-way.
+                os.close(fd)
+                remove_segment_file(location)
                 continue
-            segment = _map_writable(instance, shm_dir, fd, st.st_size)
-        finally:
+            _validate_header(header, st.st_size, name)
+            segment = MappedSegment(name, fd, mmap.mmap(fd, st.st_size), writable=True)
+        except BaseException:
             os.close(fd)
-        live = _live_writers(segment.buf, segment.header)
+            raise
         matches = (header.dp_size, header.payload_capacity) == (
             geometry.dp_size,
             geometry.payload_capacity,
@@ -402,47 +534,59 @@ def create_or_attach(
             # Live, or stale with the same geometry: reuse it in place, so a restarted rank
             # keeps its slot and bumps its epoch, and attached readers need not re-attach.
             return segment, False
+        live = any_writer_attached(segment)
         segment.close()
         if live:
-            raise SegmentError(
+            raise SegmentInUseError(
                 f"live segment does not match: expected dp_size={geometry.dp_size} "
                 f"payload_capacity={geometry.payload_capacity} found dp_size={header.dp_size} "
-                f"payload_capacity={header.payload_capacity} live writers={live} (segment={name})"
+                f"payload_capacity={header.payload_capacity}, with writers attached "
+                f"(segment={name}); use another instance name or stop that deployment"
             )
-        _unlink_quietly(instance, shm_dir)  # stale and of another geometry: every writer is gone
+        remove_segment_file(location)  # stale and of another geometry: every writer is gone
     raise SegmentError(f"could not create or attach after 3 attempts (segment={name})")
 
 
-def _unlink_quietly(instance: str, shm_dir: str | None) -> None:
+def remove_segment_file(location: SegmentLocation) -> None:
+    """Unlink the segment file (callers hold the instance lock and know it is dead or ours)."""
     with contextlib.suppress(FileNotFoundError):
-        if _shm_dir(shm_dir) or not _has_posix_ipc():
-            os.unlink(segment_path(instance, shm_dir))
+        if location._via_shm_open:
+            import posix_ipc
+
+            try:
+                posix_ipc.unlink_shared_memory(f"/{_PREFIX}{location.instance}")
+            except posix_ipc.ExistentialError:
+                raise FileNotFoundError(location.path) from None
         else:
-            _unlink_posix(instance)
+            os.unlink(location.path)
 
 
-def _unlink_posix(instance: str) -> None:
-    import posix_ipc
+def unlink_segment(instance: str, shm_dir: str | None = None) -> bool:
+    """Remove a dead instance's segment and lock file. Returns whether a segment existed.
 
-    try:
-        posix_ipc.unlink_shared_memory(f"/{_PREFIX}{instance}")
-    except posix_ipc.ExistentialError:
-        raise FileNotFoundError(instance) from None
+    For cleanup of tests and of dead deployments: never removes a segment that a writer is
+    still attached to (in any process, any pid namespace).
 
-
-def unlink_segment(instance: str, shm_dir: str | None = None, *, remove_lock: bool = True) -> bool:
-    """Remove the segment (and its lock file) of ``instance``. Returns whether a segment existed.
-
-    For cleanup of tests and dead deployments; live readers keep their mapping until they
-    notice the segment is gone.
+    Raises
+    ------
+    SegmentInUseError
+        A writer is attached (stop it first: its last writer unlinks the segment on close).
+    SegmentError
+        The path holds something that is not one of our segments (the message says what).
     """
-    existed = (
-        os.path.exists(segment_path(instance, shm_dir))
-        if sys.platform.startswith("linux")
-        else True
-    )
-    _unlink_quietly(validate_instance(instance), shm_dir)
-    if remove_lock:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(_lock_path(instance, shm_dir))
-    return existed
+    location = SegmentLocation(instance, shm_dir)
+    with instance_lock(location):
+        try:
+            fd = _open_fd(location, create=False, writable=False)
+        except FileNotFoundError:
+            return False
+        try:
+            _check_file(fd, location.path)
+            if _liveness.OFD_LOCKS and _liveness.locked(fd, WRITERS_LOCK_OFFSET):
+                raise SegmentInUseError(
+                    f"segment has live writers; stop them first (segment={location.path})"
+                )
+        finally:
+            os.close(fd)
+        remove_segment_file(location)
+        return True

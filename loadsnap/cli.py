@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 import loadsnap.commands
+from loadsnap.errors import LoadsnapError, UsageError
 
 __all__ = ["build_parser", "main"]
 
@@ -35,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``loadsnap`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    status: int = args.func(args)
+    try:
+        status: int = args.func(args)
+    except LoadsnapError as exc:  # one line, no traceback: the message names what and where
+        print(f"loadsnap {args.command}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
     return status
 
 

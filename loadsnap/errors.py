@@ -11,8 +11,11 @@ from __future__ import annotations
 __all__ = [
     "LayoutError",
     "LoadsnapError",
+    "LockHeldError",
     "PayloadTooLargeError",
     "SegmentError",
+    "SegmentInUseError",
+    "SegmentNotReadyError",
     "StaleError",
     "TransportError",
     "UsageError",
@@ -50,3 +53,15 @@ class SegmentError(TransportError):
 
 class PayloadTooLargeError(UsageError):
     """An encoded snapshot does not fit its slot; the slot is left untouched."""
+
+
+class SegmentNotReadyError(SegmentError):
+    """The segment file exists but its creator has not finished it (or died doing so)."""
+
+
+class SegmentInUseError(SegmentError):
+    """A writer is attached to the segment, so it may not be removed or reshaped."""
+
+
+class LockHeldError(SegmentError):
+    """Another process holds a loadsnap lock file (an instance, a deployment, a collector)."""

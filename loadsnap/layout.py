@@ -33,7 +33,7 @@ SegmentHeader (written once by the creator; ``ready`` is stored last)::
     56 +-----------------------------------------------------------------------+
        | ready u64 (READY_VALUE once initialised; written last)                |
     64 +-----------------------------------------------------------------------+
-       | reserved to 128                                                       |
+       | reserved to 128 (byte 64: the writers lock byte, see below)           |
    128 +-----------------------------------------------------------------------+
 
 Slot (one per rank, 64-byte aligned; ``slot_size`` is a multiple of 64)::
@@ -51,8 +51,9 @@ SlotControl::
      0 seq u64            the sequence word: the latest complete record, which lives in
                           copy (seq & 1); 0 = never published. Stored with one aligned
                           8-byte store, never with struct.pack_into.
-     8 writer_pid u64     0 = no writer attached
-    16 writer_start u64   the writer's process start time (clock ticks since boot), or 0
+     8 writer_pid u64     0 = no writer attached; else its pid in its own pid namespace
+                          (diagnostics only: liveness comes from the slot lock byte)
+    16 writer_pidns u64   inode of the writer's pid namespace, or 0 (diagnostics only)
     24 epoch u64          bumped each time a writer attaches to the slot
     32 refused u64        payloads refused for not fitting the slot
     40 reserved to 64
@@ -68,6 +69,14 @@ Record copy (``copy_size`` = round_up(RECORD_HEADER_SIZE + payload_capacity, 64)
     88 +-----------------------------------------------------------------------+
        | payload: msgpack LoadSnapshot, payload_len B                          |
        +-----------------------------------------------------------------------+
+
+Liveness locks (OFD byte-range locks on the segment file, see ``loadsnap._liveness``; the
+locked bytes carry data as usual, only the lock matters)::
+
+    WRITERS_LOCK_OFFSET (64)            every attached writer holds a shared lock: "is any
+                                        writer attached?" is one F_OFD_GETLK
+    slot_offset(rank) + SLOT_LOCK_DELTA each rank's attached writer holds an exclusive lock:
+                                        a second writer is refused, readers probe for death
 
 The hot record repeats the fields a dispatcher needs (identity and freshness, requests, tokens,
 KV capacity, throughput, the dispatch acknowledgement) so a reader can take every rank at once
@@ -96,8 +105,8 @@ __all__ = [
     "CTRL_EPOCH_OFFSET",
     "CTRL_REFUSED_OFFSET",
     "CTRL_SEQ_OFFSET",
+    "CTRL_WRITER_PIDNS_OFFSET",
     "CTRL_WRITER_PID_OFFSET",
-    "CTRL_WRITER_START_OFFSET",
     "DEFAULT_PAYLOAD_CAPACITY",
     "HEADER_SIZE",
     "HEADER_STRUCT",
@@ -115,13 +124,15 @@ __all__ = [
     "RECORD_HEADER_SIZE",
     "SLOT_ALIGN",
     "SLOT_CONTROL_SIZE",
+    "SLOT_LOCK_DELTA",
+    "WRITERS_LOCK_OFFSET",
     "SegmentGeometry",
     "hot_values",
 ]
 
 MAGIC: Final[int] = int.from_bytes(b"LOADSNAP", "little")
 READY_VALUE: Final[int] = int.from_bytes(b"READY!!!", "little")
-LAYOUT_MAJOR: Final[int] = 3
+LAYOUT_MAJOR: Final[int] = 4
 LAYOUT_MINOR: Final[int] = 0
 SLOT_ALIGN: Final[int] = 64
 DEFAULT_PAYLOAD_CAPACITY: Final[int] = 2048
@@ -149,11 +160,15 @@ HEADER_SIZE: Final[int] = 128
 # --- slot control -------------------------------------------------------------------------
 CTRL_SEQ_OFFSET: Final[int] = 0
 CTRL_WRITER_PID_OFFSET: Final[int] = CTRL_SEQ_OFFSET + 8
-CTRL_WRITER_START_OFFSET: Final[int] = CTRL_WRITER_PID_OFFSET + 8
-CTRL_EPOCH_OFFSET: Final[int] = CTRL_WRITER_START_OFFSET + 8
+CTRL_WRITER_PIDNS_OFFSET: Final[int] = CTRL_WRITER_PID_OFFSET + 8
+CTRL_EPOCH_OFFSET: Final[int] = CTRL_WRITER_PIDNS_OFFSET + 8
 CTRL_REFUSED_OFFSET: Final[int] = CTRL_EPOCH_OFFSET + 8
 CTRL_FIELDS_END: Final[int] = CTRL_REFUSED_OFFSET + 8
 SLOT_CONTROL_SIZE: Final[int] = 64
+
+# --- liveness lock bytes (locked, never read for data) ------------------------------------
+WRITERS_LOCK_OFFSET: Final[int] = HEADER_FIELDS_END
+SLOT_LOCK_DELTA: Final[int] = CTRL_WRITER_PID_OFFSET
 
 # --- record copy --------------------------------------------------------------------------
 COPY_RECORD_CRC_OFFSET: Final[int] = 0
@@ -226,6 +241,10 @@ class SegmentGeometry:
     def copy_offset(self, rank: int, copy: int) -> int:
         """Byte offset of record copy ``copy`` (0 or 1) of ``rank``'s slot."""
         return HEADER_SIZE + rank * self.slot_size + SLOT_CONTROL_SIZE + copy * self.copy_size
+
+    def slot_lock_offset(self, rank: int) -> int:
+        """Byte offset of ``rank``'s liveness lock byte (its writer holds it exclusively)."""
+        return HEADER_SIZE + rank * self.slot_size + SLOT_LOCK_DELTA
 
     def seq_word_index(self, rank: int) -> int:
         """Index of ``rank``'s sequence word in a ``memoryview.cast("Q")`` of the segment."""

@@ -15,21 +15,24 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from loadsnap._liveness import process_alive
-from loadsnap._segment import MappedSegment, open_readonly, segment_path, validate_instance
+from loadsnap._segment import MappedSegment, SegmentLocation, open_readonly
 from loadsnap._seqlock import ReadOutcome, read_record
-from loadsnap.errors import LayoutError, SegmentError, UsageError, WireError
+from loadsnap.errors import (
+    LayoutError,
+    SegmentError,
+    SegmentNotReadyError,
+    UsageError,
+    WireError,
+)
 from loadsnap.layout import (
     COPY_HOT_OFFSET,
     CTRL_EPOCH_OFFSET,
     CTRL_REFUSED_OFFSET,
     CTRL_SEQ_OFFSET,
     CTRL_WRITER_PID_OFFSET,
-    CTRL_WRITER_START_OFFSET,
     HOT_DTYPE,
     HOT_FIELDS,
     HOT_STRUCT,
-    READY_VALUE,
     RECORD_HEADER_SIZE,
     SLOT_CONTROL_SIZE,
     SegmentGeometry,
@@ -47,8 +50,8 @@ from loadsnap.wire import SnapshotDecoder
 
 __all__ = ["SegmentUnavailableError", "ShmReader"]
 
-# A rank older than this gets its writer's liveness probed (a /proc read); fresher ones are
-# evidently alive. Keeps the probe off the common path.
+# A rank older than this gets its writer's liveness probed (one fcntl on the slot's lock
+# byte); fresher ones are evidently alive. Keeps the probe off the common path.
 DEAD_PROBE_AFTER_S: Final[float] = 0.25
 REATTACH_CHECK_INTERVAL_S: Final[float] = 0.5
 # Total store order: the vectorised sequence check alone proves a hot record consistent.
@@ -99,14 +102,14 @@ class ShmReader:
     ) -> None:
         if not stale_after_s > 0:
             raise UsageError(f"stale_after_s must be > 0: stale_after_s={stale_after_s}")
-        self.instance = validate_instance(instance)
+        self._location = SegmentLocation(instance, shm_dir)
+        self.instance = self._location.instance
         self.stale_after_s = stale_after_s
         self.verify = verify
         if verify_each is None:
             verify_each = platform.machine().lower() not in _TSO_MACHINES
         self.verify_each = verify_each
         self.stats = ReaderStats()
-        self._shm_dir = shm_dir
         self._decoder = SnapshotDecoder()
         self._segment: MappedSegment | None = None
         self._state = SegmentState.MISSING
@@ -132,18 +135,17 @@ class ShmReader:
             self._detach()
             self.stats.reattaches += 1
         try:
-            segment = open_readonly(self.instance, self._shm_dir)
+            segment = open_readonly(self._location)
         except FileNotFoundError:
             self._state, self._reason = SegmentState.MISSING, "no segment: no writer has started"
+            raise SegmentUnavailableError(self._describe(), self._state) from None
+        except SegmentNotReadyError:
+            self._state, self._reason = SegmentState.NOT_READY, "segment not initialised yet"
+            self._next_check = 0.0
             raise SegmentUnavailableError(self._describe(), self._state) from None
         except (LayoutError, SegmentError) as exc:
             self._state, self._reason = SegmentState.INCOMPATIBLE, str(exc)
             raise SegmentUnavailableError(self._describe(), self._state) from exc
-        if segment.header.ready != READY_VALUE:
-            segment.close()
-            self._state, self._reason = SegmentState.NOT_READY, "segment not initialised yet"
-            self._next_check = 0.0
-            raise SegmentUnavailableError(self._describe(), self._state)
         self._segment = segment
         self._setup_views(segment)
         self._state, self._reason = SegmentState.OK, ""
@@ -169,7 +171,6 @@ class ShmReader:
 
         self._seq_col = column(CTRL_SEQ_OFFSET, "<u8")
         self._pid_col = column(CTRL_WRITER_PID_OFFSET, "<u8")
-        self._start_col = column(CTRL_WRITER_START_OFFSET, "<u8")
         copy1 = SLOT_CONTROL_SIZE + geometry.copy_size
         self._hot_cols = (
             column(SLOT_CONTROL_SIZE + COPY_HOT_OFFSET, HOT_DTYPE),
@@ -181,7 +182,7 @@ class ShmReader:
         if segment is None:
             return
         self._words.release()
-        for name in ("_seq_col", "_pid_col", "_start_col", "_hot_cols"):
+        for name in ("_seq_col", "_pid_col", "_hot_cols"):
             with contextlib.suppress(AttributeError):
                 delattr(self, name)
         self._cache.clear()
@@ -190,7 +191,7 @@ class ShmReader:
     @property
     def segment_path(self) -> str:
         """Path of the segment file this reader reads."""
-        return segment_path(self.instance, self._shm_dir)
+        return self._location.path
 
     def segment_state(self) -> tuple[SegmentState, str]:
         """Whether a segment is readable now, and if not, why."""
@@ -328,16 +329,39 @@ class ShmReader:
             self.stats.decodes += 1
             self._cache[rank] = (seq, snapshot)
         age_s = max(0.0, (now_ns - publish_mono_ns) / 1e9)
-        status, reason = self._classify(
-            age_s, pid, int(words[ctrl + CTRL_WRITER_START_OFFSET // 8])
-        )
+        status, reason = self._classify(age_s, pid, rank)
         return SlotRead(rank, status, snapshot, age_s, seq, epoch, pid, reason)
 
-    def _classify(self, age_s: float, pid: int, start: int) -> tuple[SlotStatus, str]:
+    def writer_alive(self, rank: int) -> bool:
+        """Whether ``rank`` has an attached writer that is alive, in any pid namespace.
+
+        Asks the kernel whether the slot's lock is held (``loadsnap._liveness``).
+
+        Raises
+        ------
+        UsageError
+            ``rank`` out of range.
+        SegmentUnavailableError
+            No readable segment.
+        """
+        self._attach()
+        if not 0 <= rank < self._geometry.dp_size:
+            raise UsageError(
+                f"dp_rank out of range: dp_rank={rank} dp_size={self._geometry.dp_size}"
+            )
+        pid = int(self._pid_col[rank])
+        return pid != 0 and self._writer_alive(rank, pid)
+
+    def _writer_alive(self, rank: int, pid: int) -> bool:
+        segment = self._segment
+        assert segment is not None
+        return segment.writer_alive(self._geometry.slot_lock_offset(rank), pid)
+
+    def _classify(self, age_s: float, pid: int, rank: int) -> tuple[SlotStatus, str]:
         if pid == 0:
             return SlotStatus.DEAD, "writer detached"
-        if age_s > DEAD_PROBE_AFTER_S and not process_alive(pid, start):
-            return SlotStatus.DEAD, f"writer pid={pid} is gone"
+        if age_s > DEAD_PROBE_AFTER_S and not self._writer_alive(rank, pid):
+            return SlotStatus.DEAD, "writer is gone (its slot lock was released)"
         if age_s > self.stale_after_s:
             return SlotStatus.STALE, f"age {age_s:.3f}s > budget {self.stale_after_s}s"
         return SlotStatus.FRESH, ""
@@ -409,11 +433,10 @@ class ShmReader:
         status[~published] = SlotStatus.NEVER_PUBLISHED
         status[published & ~ok] = SlotStatus.TORN
         pids = self._pid_col.copy()
-        starts = self._start_col.copy()
         status[ok & (age > self.stale_after_s)] = SlotStatus.STALE
         status[ok & (pids == 0)] = SlotStatus.DEAD
         for rank in np.flatnonzero(ok & (pids != 0) & (age > DEAD_PROBE_AFTER_S)).tolist():
-            if not process_alive(int(pids[rank]), int(starts[rank])):
+            if not self._writer_alive(rank, int(pids[rank])):
                 status[rank] = SlotStatus.DEAD
         columns = {name: np.ascontiguousarray(hot[name]) for name, _ in HOT_FIELDS}
         return HotTable(taken_mono_ns=now, age_s=age, status=status, valid=ok, **columns)

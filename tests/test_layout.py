@@ -37,7 +37,7 @@ _HEADER_OFFSETS = {
 _CTRL_OFFSETS = {
     "seq": layout.CTRL_SEQ_OFFSET,
     "writer_pid": layout.CTRL_WRITER_PID_OFFSET,
-    "writer_start": layout.CTRL_WRITER_START_OFFSET,
+    "writer_pidns": layout.CTRL_WRITER_PIDNS_OFFSET,
     "epoch": layout.CTRL_EPOCH_OFFSET,
     "refused": layout.CTRL_REFUSED_OFFSET,
 }

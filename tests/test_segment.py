@@ -152,7 +152,7 @@ def test_symlinked_lock_file_refused(instance: str, tmp_path: Path) -> None:
     lock = Path(segment_path(instance) + ".lock")
     os.symlink(tmp_path / "lock-target", lock)
     try:
-        with pytest.raises(SegmentError, match="symlinked lock file"):
+        with pytest.raises(SegmentError, match="instance lock: it is a symlink"):
             ShmWriter(instance, 2, 0)
         assert not (tmp_path / "lock-target").exists()
     finally:
@@ -198,11 +198,23 @@ def test_other_major_layout_version_refused(instance: str) -> None:
     )
 
 
-@pytest.mark.parametrize("size", [0, 64, 200])
-def test_short_file_refused(instance: str, size: int) -> None:
+def test_short_file_refused(instance: str) -> None:
+    path = _leave_segment(instance)
+    os.truncate(path, 200)  # a ready header, but the slots are gone
+    _assert_refused(instance, "short file: size=200", LayoutError)
+
+
+@pytest.mark.parametrize("size", [0, 64])
+def test_file_shorter_than_a_header_is_not_ready_then_reclaimed(instance: str, size: int) -> None:
+    # What a creator killed before its header was written leaves behind.
     path = _leave_segment(instance)
     os.truncate(path, size)
-    _assert_refused(instance, f"short file: size={size}", LayoutError)
+    assert _reader_state(instance)[0] is SegmentState.NOT_READY
+    with ShmWriter(instance, 2, 1) as writer:  # under the instance lock: its creator is dead
+        assert writer.created
+        writer.publish(LoadSnapshot(dp_rank=1, num_running_reqs=2))
+        with ShmReader(instance) as reader:
+            assert reader.read(1).status is SlotStatus.FRESH
 
 
 def test_header_shrunk_below_file_refused(instance: str) -> None:
@@ -232,7 +244,7 @@ def test_other_dp_size_with_live_writer_refused(instance: str) -> None:
 def test_second_live_writer_for_same_rank_refused(instance: str) -> None:
     with _holder(instance, 2, 0) as proc:
         with pytest.raises(
-            SegmentError, match=f"dp_rank=0 already has a live writer pid={proc.pid}"
+            SegmentError, match=rf"dp_rank=0 already has a live writer \(pid {proc.pid} "
         ):
             ShmWriter(instance, 2, 0)
         with ShmWriter(instance, 2, 1) as other:  # the other rank attaches fine

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from loadsnap import (
+    DisaggregationSection,
     LoadSnapshot,
     LoraSection,
     MemorySection,
@@ -247,7 +249,7 @@ def test_stale_dead_never_classification(instance: str, writers: list[ShmWriter]
         assert reads[0].status is SlotStatus.FRESH and reads[0].age_s == 0.0
         assert "budget 0.05s" in reads[1].reason
         assert reads[2].status is SlotStatus.DEAD and reads[2].reason == "writer detached"
-        assert reads[3].reason.startswith("writer pid=") and reads[3].reason.endswith("is gone")
+        assert reads[3].reason == "writer is gone (its slot lock was released)"
         assert reads[3].snapshot is not None and reads[3].snapshot.num_running_reqs == 1
         table = reader.hot_table()
         assert table.status.tolist() == [
@@ -303,9 +305,10 @@ def test_publish_refuses_bad_snapshots_and_keeps_slot(instance: str) -> None:
         writer.publish(_snapshot(0))
         for bad, message in (
             (LoadSnapshot(dp_rank=1), "dp_rank mismatch"),
-            (LoadSnapshot(dp_rank=0, utilization=1.5), "ratio out of range"),
-            (LoadSnapshot(dp_rank=0, gen_throughput=math.inf), "ratio out of range"),
-            (LoadSnapshot(dp_rank=0, num_running_reqs=-1), "invalid count"),
+            (LoadSnapshot(dp_rank=0, utilization=1.5), r"\$\.utilization"),
+            (LoadSnapshot(dp_rank=0, gen_throughput=math.inf), r"\$\.gen_throughput"),
+            (LoadSnapshot(dp_rank=0, num_running_reqs=-1), r"\$\.num_running_reqs"),
+            (LoadSnapshot(dp_rank=0, cache_hit_rate=1.5), r"\$\.cache_hit_rate"),
         ):
             with pytest.raises(UsageError, match=message):
                 writer.publish(bad)
@@ -314,18 +317,60 @@ def test_publish_refuses_bad_snapshots_and_keeps_slot(instance: str) -> None:
         _same_but_stamps(read.snapshot, _snapshot(0))
 
 
-def test_validating_writer_and_reader_reject_out_of_range_sections(instance: str) -> None:
-    bad = LoadSnapshot(dp_rank=0, cache_hit_rate=2.0)
-    with (
-        ShmWriter(instance, 1, 0, validate=True) as writer,
-        pytest.raises(UsageError, match="cache_hit_rate"),
-    ):
-        writer.publish(bad)
-    with ShmWriter(instance, 1, 0) as writer, ShmReader(instance) as reader:
-        writer.publish(bad)  # only the hot ratios are checked without validate=True ...
-        read = reader.read(0)
-        assert read.status is SlotStatus.INVALID and "cache_hit_rate" in read.reason
-        assert reader.stats.decode_errors == 1  # ... and every reader rejects the rest
+@pytest.mark.parametrize("validate", [False, True])
+def test_every_schema_violation_is_refused_at_publish(instance: str, validate: bool) -> None:
+    # Each constrained field of the snapshot and of every section, one at a time: the writer
+    # names it and keeps the previous record, so no reader ever sees the rank INVALID.
+    with ShmWriter(instance, 1, 0, validate=validate) as writer, ShmReader(instance) as reader:
+        writer.publish(_snapshot(0))
+        for path, bad in _one_bad_field_each():
+            with pytest.raises(UsageError, match=re.escape(f"`$.{path}") + r"[`\[]"):
+                writer.publish(bad)
+            read = reader.read(0)
+            assert read.status is SlotStatus.FRESH and read.seq == 1, path
+        assert reader.stats.decode_errors == 0
+
+
+def _one_bad_field_each() -> Iterator[tuple[str, LoadSnapshot]]:
+    """(field path, a snapshot breaking only that field's constraint) for every field."""
+    stamped = {"seq", "epoch", "publish_mono_ns", "publish_wall_ns", "dp_rank"}
+    sections = {
+        "memory": MemorySection,
+        "speculative": SpeculativeSection,
+        "lora": LoraSection,
+        "disaggregation": DisaggregationSection,
+        "queues": QueueSection,
+    }
+    for field in msgspec.inspect.type_info(LoadSnapshot).fields:  # type: ignore[attr-defined]
+        if field.name in stamped:
+            continue
+        if field.name in sections:
+            section = sections[field.name]
+            for inner in msgspec.inspect.type_info(section).fields:  # type: ignore[attr-defined]
+                for bad in _bad_values(inner.type):
+                    value = section(**{inner.name: bad})
+                    yield (
+                        f"{field.name}.{inner.name}",
+                        LoadSnapshot(dp_rank=0, **{field.name: value}),
+                    )
+            continue
+        for bad in _bad_values(field.type):
+            yield field.name, LoadSnapshot(dp_rank=0, **{field.name: bad})
+
+
+def _bad_values(kind: msgspec.inspect.Type) -> list[object]:
+    if isinstance(kind, msgspec.inspect.IntType):
+        return [-1, 2**63, 1.5]
+    if isinstance(kind, msgspec.inspect.FloatType):
+        bad: list[object] = [math.nan, -0.5]
+        if kind.le is not None:
+            bad.append(kind.le * 2 if kind.le else 1.0)
+        return bad
+    if isinstance(kind, msgspec.inspect.StrType):
+        return ["x" * ((kind.max_length or 128) + 1), 3]
+    if isinstance(kind, msgspec.inspect.ListType):
+        return [["x"] * ((kind.max_length or 256) + 1), ["y" * 129]]
+    raise AssertionError(f"no bad values for {kind}")
 
 
 def test_closed_writer_refuses_publish(instance: str) -> None:
@@ -354,7 +399,7 @@ def test_second_writer_for_a_rank_in_the_same_process_is_refused(instance: str) 
     from loadsnap import SegmentError
 
     with ShmWriter(instance, 2, 1) as first:
-        with pytest.raises(SegmentError, match="already has a live writer in this process"):
+        with pytest.raises(SegmentError, match="dp_rank=1 already has a live writer"):
             ShmWriter(instance, 2, 1)
         first.publish(LoadSnapshot(dp_rank=1))
     with ShmWriter(instance, 2, 1) as again:  # a closed writer's rank can be claimed again

@@ -45,5 +45,5 @@ def test_last_writer_close_unlinks(instance: str) -> None:
 
 
 def test_publish_rejects_bad_ratio(instance: str) -> None:
-    with ShmWriter(instance, 1, 0) as writer, pytest.raises(ValueError, match="ratio out of range"):
+    with ShmWriter(instance, 1, 0) as writer, pytest.raises(ValueError, match="token_usage"):
         writer.publish(LoadSnapshot(dp_rank=0, token_usage=float("nan")))

@@ -34,7 +34,7 @@ from loadsnap import (
     WireError,
     decode_snapshot,
 )
-from loadsnap._segment import open_readonly
+from loadsnap._segment import SegmentLocation, open_readonly
 from loadsnap._seqlock import record_crc
 from loadsnap.layout import (
     CRC_STRUCT,
@@ -177,7 +177,7 @@ def reader_main(instance: str, duration_s: float, verify_each: bool) -> None:
 
 def control_main(instance: str, duration_s: float) -> None:
     """Copy records out of both copies of every slot with no sequence word and no CRC check."""
-    segment = open_readonly(instance)
+    segment = open_readonly(SegmentLocation(instance))
     geometry = SegmentGeometry(segment.header.dp_size, segment.header.payload_capacity)
     counts = {"reads": 0, "tears": 0, "undecodable": 0, "crc_missed": 0}
     buf = segment.buf

@@ -8,7 +8,6 @@ import json
 import sys
 from typing import Any
 
-from loadsnap._liveness import process_alive
 from loadsnap._segment import segment_path
 from loadsnap.commands import add_reader_options
 from loadsnap.metrics import slot_refused_counts
@@ -25,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "Diagnose an instance: the segment header (layout version, dp_size, slot size, "
             "creator), then one line per DP rank: status (fresh, stale, dead, never_published, "
             "torn, invalid) and why, snapshot age, record sequence, writer epoch, writer pid "
-            "and whether it runs, refused payloads, running/waiting requests. Exit status 1 "
+            "(in its own pid namespace) and whether it is alive (its slot lock is held), "
+            "refused payloads, running/waiting requests. Exit status 1 "
             "when no segment is readable (the reason is printed, or returned in --json)."
         ),
         epilog="Example: loadsnap inspect --instance demo --json",
@@ -57,6 +57,7 @@ def collect(
         slots = []
         for read in reads:
             snap = read.snapshot
+            alive = reader.writer_alive(read.rank)
             slots.append(
                 {
                     "dp_rank": read.rank,
@@ -66,7 +67,7 @@ def collect(
                     "seq": read.seq,
                     "epoch": read.epoch,
                     "writer_pid": read.writer_pid,
-                    "writer_alive": bool(read.writer_pid) and process_alive(read.writer_pid, 0),
+                    "writer_alive": alive,
                     "refused_payloads": refused[read.rank],
                     "num_running_reqs": None if snap is None else snap.num_running_reqs,
                     "num_waiting_reqs": None if snap is None else snap.num_waiting_reqs,
