@@ -8,13 +8,12 @@ for exactly that reason.
 
 Value constraints (counts >= 0, ratios in 0..1, no NaN) are part of the type: msgspec enforces
 them on every typed decode, so every reader and collector rejects bad values. Writers refuse
-them before publishing (:func:`check_publishable`), so a bad value never blanks a rank.
+them before publishing (:func:`loadsnap.wire.check_publishable`), so a bad value never blanks
+a rank.
 """
 
 from __future__ import annotations
 
-import operator
-import struct
 from collections.abc import Iterable
 from typing import Annotated, Any, Final
 
@@ -32,7 +31,6 @@ __all__ = [
     "MemorySection",
     "QueueSection",
     "SpeculativeSection",
-    "check_publishable",
     "parse_include",
     "validate_snapshot",
 ]
@@ -209,61 +207,3 @@ def validate_snapshot(snapshot: LoadSnapshot, dp_size: int | None = None) -> Non
         raise UsageError(f"invalid snapshot: {exc}") from exc
     if dp_size is not None and snapshot.dp_rank >= dp_size:
         raise UsageError(f"dp_rank out of range: dp_rank={snapshot.dp_rank} dp_size={dp_size}")
-
-
-_MAX_COUNT: Final[int] = 2**63 - 1
-_MAX_RATE: Final[float] = 1e15
-# Every top-level count a scheduler sets (the writer stamps the identity fields itself).
-_SCHEDULER_COUNTS: Final = operator.attrgetter(
-    "num_running_reqs",
-    "num_waiting_reqs",
-    "num_waiting_uncached_tokens",
-    "num_used_tokens",
-    "num_total_tokens",
-    "max_total_num_tokens",
-    "max_running_requests",
-    "cycle",
-    "last_accepted_dispatch_seq",
-)
-# Packing as signed 64-bit refuses a non-integer and anything above the schema's maximum.
-_PACK_COUNTS: Final = struct.Struct("<9q").pack
-
-
-def check_publishable(snapshot: LoadSnapshot) -> None:
-    """Refuse, before it is published, a snapshot that readers would refuse to decode.
-
-    The writers' pre-publish check (about 0.2 µs): the top-level counts, ratios and rates
-    directly, and every section that is present through the schema's own validation. What it
-    does not check, the writer stamps (``seq``, ``epoch``, the publish times).
-
-    Raises
-    ------
-    UsageError
-        The first violated constraint, naming the field (e.g. ``$.cache_hit_rate``).
-    """
-    try:
-        counts = _SCHEDULER_COUNTS(snapshot)
-        _PACK_COUNTS(*counts)
-        valid = (
-            min(counts) >= 0
-            and 0.0 <= snapshot.token_usage <= 1.0
-            and 0.0 <= snapshot.cache_hit_rate <= 1.0
-            and 0.0 <= snapshot.utilization <= 1.0
-            and 0.0 <= snapshot.gen_throughput <= _MAX_RATE
-            and type(snapshot.dp_rank) is int
-            and 0 <= snapshot.dp_rank <= _MAX_COUNT
-        )
-    except (struct.error, TypeError):
-        valid = False
-    sections = (
-        snapshot.memory,
-        snapshot.speculative,
-        snapshot.lora,
-        snapshot.disaggregation,
-        snapshot.queues,
-    )
-    if not valid or sections != _NO_SECTIONS:
-        validate_snapshot(snapshot)
-
-
-_NO_SECTIONS: Final = (None, None, None, None, None)

@@ -31,7 +31,8 @@ from loadsnap.layout import (
     WRITERS_LOCK_OFFSET,
     SegmentGeometry,
 )
-from loadsnap.schema import LoadSnapshot, check_publishable, validate_snapshot
+from loadsnap.schema import LoadSnapshot, validate_snapshot
+from loadsnap.wire import check_publishable
 
 __all__ = ["ShmWriter"]
 
@@ -70,9 +71,10 @@ class ShmWriter:
         Put the segment in this directory instead of going through ``shm_open``
         (default: ``$LOADSNAP_SHM_DIR`` or ``/dev/shm``).
     validate:
-        Validate every snapshot with msgspec (a few µs) instead of the fast pre-publish check
-        (:func:`~loadsnap.schema.check_publishable`, about 0.2 µs). Both refuse every value a
-        reader would refuse, so a bad snapshot never replaces the slot's previous record.
+        Also validate every snapshot with ``validate_snapshot`` (a few µs) before encoding.
+        Without it the pre-publish check (:func:`~loadsnap.wire.check_publishable`) still
+        refuses every value a reader would refuse, so a bad snapshot never replaces the slot's
+        previous record.
 
     Raises
     ------
@@ -207,13 +209,12 @@ class ShmWriter:
             raise UsageError(f"dp_rank mismatch: writer={self.dp_rank} snapshot={snapshot.dp_rank}")
         if self._validate:
             validate_snapshot(snapshot, self.geometry.dp_size)
-        else:
-            check_publishable(snapshot)
         staging = self._staging
         self._encode_into(snapshot, staging, RECORD_HEADER_SIZE)
         payload_len = len(staging) - RECORD_HEADER_SIZE
         if payload_len > self._capacity:
             self._refuse(payload_len)
+        check_publishable(snapshot, staging, RECORD_HEADER_SIZE)
         try:  # the crc field is packed as 0 and summed so, as record_crc expects
             _HEAD_PACK(
                 staging,

@@ -27,8 +27,7 @@ def add_reader_options(parser: argparse.ArgumentParser) -> None:
         "--shm-dir",
         type=shm_dir_argument,
         default=None,
-        help="directory holding the segment (default $LOADSNAP_SHM_DIR, else /dev/shm); "
-        "must exist",
+        help="directory holding the segment (default $LOADSNAP_SHM_DIR, else /dev/shm); must exist",
     )
     parser.add_argument(
         "--stale-after",
