@@ -243,12 +243,13 @@ def run(args: argparse.Namespace) -> int:
             controller.close()
         if server is not None:
             server.stop()
+        if collector is not None:
+            collector.close()
+        # Last, so that a new deployment of the instance finds nothing of this one.
         if fleet is not None:
             fleet.close()  # releases the deployment lock
         elif lock is not None:
             lock.release(remove=True)
-        if collector is not None:
-            collector.close()
         signal.signal(signal.SIGTERM, previous)
         if fleet is not None:
             done = (
