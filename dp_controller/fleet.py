@@ -132,7 +132,9 @@ class SchedulerFleet:
     InstanceRunningError
         Another deployment of ``instance`` is alive.
     TransportError
-        The ipc directory cannot be used, or a scheduler cannot be started.
+        The ipc directory cannot be used (the message says why).
+    OSError
+        ``log_dir`` cannot take the log files, or the interpreter cannot be started.
     """
 
     def __init__(
