@@ -46,7 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instance", default=f"dpc-{os.getpid()}", help="instance name")
     parser.add_argument("--dp-size", type=int, default=4, help="number of DP ranks")
     parser.add_argument(
-        "--spawn", action="store_true", help="start --dp-size reference schedulers as children"
+        "--spawn",
+        action="store_true",
+        help="start --dp-size reference schedulers as children (they die with this process; "
+        "a second --spawn of a running instance exits 2 at once)",
     )
     parser.add_argument(
         "--request-addr",

@@ -55,6 +55,19 @@ class LockFile:
         """Whether this object holds the lock."""
         return self._fd is not None
 
+    def fileno(self) -> int:
+        """The locked descriptor. A child that inherits it (``subprocess`` ``pass_fds``) holds
+        the lock too, until both it and this object let go.
+
+        Raises
+        ------
+        SegmentError
+            The lock is not held by this object.
+        """
+        if self._fd is None:
+            raise SegmentError(f"{self.what} not held by this object (lock={self.path})")
+        return self._fd
+
     def acquire(self, timeout_s: float) -> None:
         """Take the lock, waiting at most ``timeout_s`` (0: try once). Interruptible.
 

@@ -19,6 +19,7 @@ import zmq
 from loadsnap.errors import LoadsnapError, UsageError
 from scheduler.engine import EngineConfig
 from scheduler.executors import EXECUTORS, CostModel, TorchConfig
+from scheduler.lifeline import die_with_parent
 from scheduler.process import SchedulerOptions, run_scheduler
 from scheduler.publisher import (
     DEFAULT_EVERY_N_CYCLES,
@@ -215,17 +216,25 @@ def options_from_args(args: argparse.Namespace) -> SchedulerOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run a scheduler from parsed flags; exit status 2 on bad options or setup failure."""
+    """Run a scheduler from parsed flags; exit status 2 on bad options or setup failure.
+
+    Setup failures print one line on stderr. Under a spawning parent (``LOADSNAP_PARENT_PID``)
+    the scheduler gets SIGTERM when that parent dies (:mod:`scheduler.lifeline`).
+    """
     logging.basicConfig(
         level=args.log_level.upper(),
         format=f"%(asctime)s scheduler[{args.dp_rank}] %(levelname)s %(message)s",
     )
     try:
+        die_with_parent()  # first: a spawning parent's death must stop us from here on
         options = options_from_args(args)
         return run_scheduler(options)
     except (LoadsnapError, ImportError, zmq.ZMQError) as exc:
+        # One line, no traceback: a fleet quotes the last line of a rank that failed to start.
         print(f"scheduler: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the handlers were installed
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -106,11 +106,18 @@ def demo() -> Iterator[Demo]:
         unlink_segment(instance)
 
 
-def _promtool(text: str) -> None:
-    if shutil.which("promtool") is None:
+@pytest.fixture
+def promtool() -> str:
+    """promtool's path; skips (before any demo starts) where it is not installed."""
+    path = shutil.which("promtool")
+    if path is None:
         pytest.skip("promtool not installed (Debian package `prometheus` ships it)")
+    return path
+
+
+def _promtool_check(promtool: str, text: str) -> None:
     result = subprocess.run(
-        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -131,55 +138,53 @@ def _processes_mentioning(instance: str) -> list[int]:
 
 def test_demo_end_to_end(demo: Demo) -> None:
     base = demo.wait_for_url()
-    client = httpx.Client(base_url=base, timeout=10.0)
+    # A context manager, so that no failure or skip leaks the client's socket (a leaked socket's
+    # ResourceWarning fails whichever later test the garbage collector runs in).
+    with httpx.Client(base_url=base, timeout=10.0) as client:
+        # Every rank present and fresh, with plausible non-zero load while the workload runs.
+        busy: set[int] = set()
+        deadline = time.monotonic() + 20.0
+        doc: dict[str, object] = {}
+        while time.monotonic() < deadline and busy != set(range(DP)):
+            response = client.get("/v1/loads")
+            if response.status_code == 200:
+                doc = response.json()
+                loads = doc["loads"]
+                assert isinstance(loads, list)
+                assert [load["dp_rank"] for load in loads] == list(range(DP))
+                for load in loads:
+                    assert load["status"] == "fresh", load
+                    assert 0.0 <= load["age_seconds"] < 2.0
+                    assert load["max_total_num_tokens"] > 0
+                    assert 0.0 <= load["token_usage"] <= 1.0
+                    if load["num_running_reqs"] + load["num_waiting_reqs"] > 0:
+                        busy.add(load["dp_rank"])
+            time.sleep(0.1)
+        assert busy == set(range(DP)), f"ranks never seen busy: {set(range(DP)) - busy}"
+        assert doc["dp_rank_count"] == DP
 
-    # Every rank present and fresh, with plausible non-zero load while the workload runs.
-    busy: set[int] = set()
-    deadline = time.monotonic() + 20.0
-    doc: dict[str, object] = {}
-    while time.monotonic() < deadline and busy != set(range(DP)):
-        response = client.get("/v1/loads")
-        if response.status_code == 200:
-            doc = response.json()
-            loads = doc["loads"]
-            assert isinstance(loads, list)
-            assert [load["dp_rank"] for load in loads] == list(range(DP))
-            for load in loads:
-                assert load["status"] == "fresh", load
-                assert 0.0 <= load["age_seconds"] < 2.0
-                assert load["max_total_num_tokens"] > 0
-                assert 0.0 <= load["token_usage"] <= 1.0
-                if load["num_running_reqs"] + load["num_waiting_reqs"] > 0:
-                    busy.add(load["dp_rank"])
-        time.sleep(0.1)
-    assert busy == set(range(DP)), f"ranks never seen busy: {set(range(DP)) - busy}"
-    assert doc["dp_rank_count"] == DP
+        # Prometheus text: parses, unique series.
+        response = client.get("/v1/loads", params={"format": "prometheus"})
+        assert response.status_code == 200
+        families = {f.name: f for f in text_string_to_metric_families(response.text)}
+        series = [
+            (s.name, tuple(sorted(s.labels.items()))) for f in families.values() for s in f.samples
+        ]
+        assert len(series) == len(set(series))
+        ranks = {s.labels["dp_rank"] for s in families["loadsnap_num_requests_running"].samples}
+        assert ranks == {str(r) for r in range(DP)}
+        publishes = [s.value for s in families["loadsnap_publishes"].samples]
+        assert len(publishes) == DP and all(v > 1 for v in publishes)
 
-    # Prometheus text: parses, unique series, promtool.
-    response = client.get("/v1/loads", params={"format": "prometheus"})
-    assert response.status_code == 200
-    families = {f.name: f for f in text_string_to_metric_families(response.text)}
-    series = [
-        (s.name, tuple(sorted(s.labels.items()))) for f in families.values() for s in f.samples
-    ]
-    assert len(series) == len(set(series))
-    ranks = {s.labels["dp_rank"] for s in families["loadsnap_num_requests_running"].samples}
-    assert ranks == {str(r) for r in range(DP)}
-    publishes = [s.value for s in families["loadsnap_publishes"].samples]
-    assert len(publishes) == DP and all(v > 1 for v in publishes)
-    _promtool(response.text)
-
-    # /metrics carries the controller's counters through the provider hook.
-    metrics = client.get("/metrics")
-    assert metrics.status_code == 200
-    health = {f.name: f for f in text_string_to_metric_families(metrics.text)}
-    dispatched = {
-        s.labels["dp_rank"]: s.value for s in health["loadsnap_controller_dispatches"].samples
-    }
-    assert set(dispatched) == {str(r) for r in range(DP)}
-    assert sum(dispatched.values()) > 0
-    _promtool(metrics.text)
-    client.close()
+        # /metrics carries the controller's counters through the provider hook.
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200
+        health = {f.name: f for f in text_string_to_metric_families(metrics.text)}
+        dispatched = {
+            s.labels["dp_rank"]: s.value for s in health["loadsnap_controller_dispatches"].samples
+        }
+        assert set(dispatched) == {str(r) for r in range(DP)}
+        assert sum(dispatched.values()) > 0
 
     # Ctrl-C: a clean stop leaving no segment and no process behind.
     demo.proc.send_signal(signal.SIGINT)
@@ -189,3 +194,14 @@ def test_demo_end_to_end(demo: Demo) -> None:
     while _processes_mentioning(demo.instance) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _processes_mentioning(demo.instance) == []
+
+
+def test_demo_prometheus_text_passes_promtool(promtool: str, demo: Demo) -> None:
+    # ``promtool`` comes first, so that a machine without it skips before any demo starts.
+    base = demo.wait_for_url()
+    with httpx.Client(base_url=base, timeout=10.0) as client:
+        # The demo prints its URL once every rank has published.
+        for path, params in (("/v1/loads", {"format": "prometheus"}), ("/metrics", {})):
+            response = client.get(path, params=params)
+            assert response.status_code == 200
+            _promtool_check(promtool, response.text)

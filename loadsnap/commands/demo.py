@@ -5,6 +5,11 @@ controller dispatching a seeded workload to them, and the HTTP server (``/v1/loa
 ``/metrics``, ``/healthz``); draws the per-rank table and prints the URLs. Ctrl-C, SIGTERM or
 the end of ``--duration`` stops everything: controller, server, schedulers, the segment and
 the ipc sockets' directory.
+
+One deployment per instance: the demo takes the instance's deployment lock before starting
+anything (``dp_controller.fleet.claim_instance``), so a second demo or ``controller --spawn``
+of a running instance exits 1 with one line. A demo killed with SIGKILL takes its schedulers
+with it (they get SIGTERM), and the next start of the instance reclaims what it left.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from dp_controller.controller import Controller
+    from dp_controller.fleet import SchedulerFleet
     from loadsnap.collector import Collector
     from loadsnap.server import ServerThread
     from scheduler.messages import Finished
@@ -177,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
     from dp_controller.budget import CONTROLLER_POLICY
     from dp_controller.cli import make_dispatcher
     from dp_controller.controller import Controller
-    from dp_controller.fleet import SchedulerFleet
+    from dp_controller.fleet import SchedulerFleet, claim_instance
+    from loadsnap._lockfile import LockFile
     from loadsnap.collector import Collector
     from loadsnap.errors import LoadsnapError
     from loadsnap.server import create_app
@@ -189,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
     if duration is None and not interactive:
         duration = NON_INTERACTIVE_DURATION_S
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    lock: LockFile | None = None
     fleet: SchedulerFleet | None = None
     controller: Controller | None = None
     server: ServerThread | None = None
@@ -196,13 +204,15 @@ def run(args: argparse.Namespace) -> int:
     collector: Collector | None = None
     status = 0
     try:
+        # First of all: a second deployment of this instance fails here, having touched nothing.
+        lock = claim_instance(args.instance)
         extra_args: list[str] = []
         if args.transport == "zmq":
             collector = Collector(args.instance, args.dp_size, "tcp://127.0.0.1:*")
             extra_args = ["--transport", "zmq", "--collector", collector.endpoint]
             print(f"loadsnap demo: collector on {collector.endpoint} (open channel, loopback)")
         print(f"loadsnap demo: starting {args.dp_size} schedulers (instance {args.instance})")
-        fleet = SchedulerFleet(args.instance, args.dp_size, extra_args)
+        fleet = SchedulerFleet(args.instance, args.dp_size, extra_args, lock=lock)
         fleet.wait_ready()
         with ShmReader(args.instance) as reader:
             dispatcher = make_dispatcher(args.policy, reader, args.dp_size)
@@ -217,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"loadsnap demo: loadsnap top --instance {args.instance}", flush=True)
             workload = _Workload(controller, args)
             workload.thread.start()
-            _show(args, reader, workload, duration, interactive and not args.no_table)
+            _show(args, reader, workload, fleet, duration, interactive and not args.no_table)
             if workload.error is not None:
                 raise workload.error
     except KeyboardInterrupt:
@@ -233,13 +243,22 @@ def run(args: argparse.Namespace) -> int:
             controller.close()
         if server is not None:
             server.stop()
-        if fleet is not None:
-            fleet.close()
         if collector is not None:
             collector.close()
+        # Last, so that a new deployment of the instance finds nothing of this one.
+        if fleet is not None:
+            fleet.close()  # releases the deployment lock
+        elif lock is not None:
+            lock.release(remove=True)
         signal.signal(signal.SIGTERM, previous)
-        done = f"{workload.submitted} requests dispatched, " if workload else ""
-        print(f"loadsnap demo: stopped; {done}segment removed", flush=True)
+        if fleet is not None:
+            done = (
+                f"; {workload.submitted} dispatched, {workload.finished} finished, "
+                f"{workload.failed} failed"
+                if workload
+                else ""
+            )
+            print(f"loadsnap demo: stopped{done}", flush=True)
     return status
 
 
@@ -247,6 +266,7 @@ def _show(
     args: argparse.Namespace,
     reader: Any,
     workload: _Workload,
+    fleet: SchedulerFleet,
     duration: float | None,
     live_table: bool,
 ) -> None:
@@ -257,14 +277,23 @@ def _show(
     from loadsnap.exposition import render_table
 
     deadline = None if duration is None else time.monotonic() + duration
+    exits: dict[int, str] = {}  # ranks whose scheduler exited, and why (the controller goes on)
+
+    def new_exits() -> list[str]:
+        fresh = {r: why for r, why in fleet.exited().items() if r not in exits}
+        exits.update(fresh)
+        return [f"loadsnap demo: {why}" for why in fresh.values()]
+
     title = f"loadsnap demo: {args.instance} ({args.dp_size} ranks, policy {args.policy})"
 
     def frame() -> Group:
+        new_exits()
         footer = Text(
             f"dispatched {workload.submitted}  finished {workload.finished}  "
             f"failed {workload.failed}  " + ("Ctrl-C to stop" if deadline is None else "")
         )
-        return Group(render_table(reader.read_all(), title), footer)
+        notes = [Text(why, style="red") for why in exits.values()]
+        return Group(render_table(reader.read_all(), title), footer, *notes)
 
     def running() -> bool:
         alive = not workload.stop.is_set()
@@ -279,6 +308,8 @@ def _show(
     next_status = time.monotonic() + STATUS_EVERY_S
     while running():
         time.sleep(0.1)
+        for line in new_exits():
+            print(line, file=sys.stderr, flush=True)
         if time.monotonic() >= next_status:
             next_status += STATUS_EVERY_S
             reads = reader.read_all()
