@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -348,14 +349,13 @@ def _one_bad_field_each() -> Iterator[tuple[str, LoadSnapshot]]:
             section = sections[field.name]
             for inner in msgspec.inspect.type_info(section).fields:  # type: ignore[attr-defined]
                 for bad in _bad_values(inner.type):
-                    value = section(**{inner.name: bad})
-                    yield (
-                        f"{field.name}.{inner.name}",
-                        LoadSnapshot(dp_rank=0, **{field.name: value}),
-                    )
+                    inner_kwargs: dict[str, Any] = {inner.name: bad}
+                    outer_kwargs: dict[str, Any] = {field.name: section(**inner_kwargs)}
+                    yield f"{field.name}.{inner.name}", LoadSnapshot(dp_rank=0, **outer_kwargs)
             continue
         for bad in _bad_values(field.type):
-            yield field.name, LoadSnapshot(dp_rank=0, **{field.name: bad})
+            kwargs: dict[str, Any] = {field.name: bad}
+            yield field.name, LoadSnapshot(dp_rank=0, **kwargs)
 
 
 def _bad_values(kind: msgspec.inspect.Type) -> list[object]:
