@@ -276,6 +276,7 @@ def test_creator_killed_during_creation_never_blocks_the_instance(instance: str)
                 assert read.snapshot is not None and read.snapshot.num_running_reqs == 5
         assert not os.path.exists(path) and not os.path.exists(path + ".lock")
     assert caught_unfinished >= 1  # the kill did land mid-creation
+    print(f"\ncreator kills: {caught_unfinished} of 8 left an unfinished file; 8 of 8 reclaimed")
 
 
 # --- squatted lock files ------------------------------------------------------------------------

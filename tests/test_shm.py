@@ -417,3 +417,25 @@ def test_segment_being_created_reads_as_not_ready(instance: str) -> None:
         os.close(fd)
     with ShmReader(instance) as reader:
         assert reader.segment_state()[0] is SegmentState.NOT_READY
+
+
+def test_writer_inherited_through_fork_refuses_to_publish(instance: str) -> None:
+    with ShmWriter(instance, 1, 0) as writer, ShmReader(instance) as reader:
+        writer.publish(_snapshot(0))
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: publishing through the parent's writer must fail
+            try:
+                writer.publish(_snapshot(0))
+                os.write(write, b"published")
+            except UsageError as exc:
+                os.write(write, b"refused" if "inherited through fork" in str(exc) else b"other")
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as answer:
+            assert answer.read() == b"refused"
+        assert os.waitpid(pid, 0)[1] == 0
+        assert reader.writer_alive(0)  # the child closing its copy kept the parent's claim
+        assert writer.publish(_snapshot(0)) == 2
+        assert reader.read(0).seq == 2
