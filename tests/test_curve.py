@@ -357,6 +357,24 @@ def test_make_writer_reads_curve_keys_from_env(
         collector.close()
 
 
+def test_collector_cli_reports_key_bindings(
+    instance: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    generate_keys(tmp_path / "bound", clients=2, ranks_per_client=2)
+    generate_keys(tmp_path / "any", clients=3)
+    argv = ["collector", "--instance", instance, "--dp-size", "4", "--bind", "tcp://127.0.0.1:*"]
+    argv += ["--duration", "0.1", "--stats-interval", "0"]
+    try:
+        assert cli_main([*argv, "--curve-dir", str(tmp_path / "bound")]) == 0
+        assert "auth=curve (2 client keys, 0 may publish any rank)" in capsys.readouterr().out
+        assert cli_main([*argv, "--curve-dir", str(tmp_path / "any")]) == 0
+        assert "auth=curve (3 client keys, 3 may publish any rank)" in capsys.readouterr().out
+    finally:
+        path = collector_lock_path(instance)
+        if os.path.exists(path):
+            os.unlink(path)
+
+
 def test_open_non_loopback_bind_warns(
     instance: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
