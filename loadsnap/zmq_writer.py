@@ -84,7 +84,8 @@ class ZmqWriterStats(msgspec.Struct):
 class ZmqWriter:
     """Publishes one DP rank's snapshots to a collector. Single writer; never blocks.
 
-    Not thread-safe: one writer per rank, used from one thread.
+    Not thread-safe: one writer per rank, used from one thread. Its handshake watch runs in a
+    thread of its own that never touches the socket (it reads the socket's monitor).
 
     Parameters
     ----------
@@ -160,12 +161,18 @@ class ZmqWriter:
                 dp_rank,
             )
         self._socket = self._open_socket(curve, conflate, sndhwm)
-        self._watch = HandshakeWatch(
-            self._socket, log, curve=self.curve, on_failure=self._count_handshake_failure
-        )
+        try:
+            self._watch = HandshakeWatch(
+                self._socket, log, curve=self.curve, on_failure=self._count_handshake_failure
+            )
+        except BaseException:
+            self._socket.close(linger=0)
+            if self._own_context:
+                self._context.term()
+            raise
 
     def _count_handshake_failure(self) -> None:
-        self.stats.handshake_failures += 1  # from the watch thread; ints are atomic under the GIL
+        self.stats.handshake_failures += 1  # only the watch thread writes this counter
 
     def _open_socket(
         self, curve: CurveClientKeys | None, conflate: bool, sndhwm: int
