@@ -61,7 +61,7 @@ REPORT_ARGS: Final[list[str]] = []
 POLL_SLEEP_S: Final[float] = 20e-6
 WAIT_S: Final[float] = 15.0
 
-# argv: endpoint rank mode seconds period_ms [server_key client_secret]
+# argv: instance endpoint rank mode seconds period_ms [server_key client_secret]
 #   mode "flood": publish back to back (conflate off, deep queue); "paced": every period_ms.
 WRITER_SCRIPT: Final[str] = r"""
 import json, signal, sys, time
@@ -69,13 +69,15 @@ from benchmarks._common import make_snapshot
 from loadsnap.curve import load_client_keys
 from loadsnap.zmq_writer import ZmqWriter
 
-endpoint, rank, mode, seconds, period_ms = sys.argv[1:6]
+instance, endpoint, rank, mode, seconds, period_ms = sys.argv[1:7]
 rank, seconds, period_s = int(rank), float(seconds), float(period_ms) / 1000.0
-curve = load_client_keys(sys.argv[6], sys.argv[7]) if len(sys.argv) > 7 else None
+curve = load_client_keys(sys.argv[7], sys.argv[8]) if len(sys.argv) > 8 else None
 stopping = []
 signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
 flood = mode == "flood"
-writer = ZmqWriter(endpoint, rank + 1, rank, curve=curve, conflate=not flood, sndhwm=1000)
+writer = ZmqWriter(
+    endpoint, rank + 1, rank, instance=instance, curve=curve, conflate=not flood, sndhwm=1000
+)
 snapshots = [make_snapshot(rank, cycle) for cycle in range(64)]
 deadline = time.monotonic() + seconds
 i = 0
@@ -90,9 +92,15 @@ writer.close()
 
 
 def _spawn_writer(
-    endpoint: str, rank: int, mode: str, seconds: float, period_ms: float, keys: Sequence[str]
+    instance: str,
+    endpoint: str,
+    rank: int,
+    mode: str,
+    seconds: float,
+    period_ms: float,
+    keys: Sequence[str],
 ) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-c", WRITER_SCRIPT, endpoint, str(rank), mode, str(seconds)]
+    argv = [sys.executable, "-c", WRITER_SCRIPT, instance, endpoint, str(rank), mode, str(seconds)]
     return subprocess.Popen(
         [*argv, str(period_ms), *keys],
         stdout=subprocess.PIPE,
@@ -203,7 +211,9 @@ def measure_ingest(
 
     budget = seconds + 10.0
     procs = [
-        _spawn_writer(sink.endpoint, rank, "flood", budget, 0, _client_keys(curve_dir, rank))
+        _spawn_writer(
+            instance, sink.endpoint, rank, "flood", budget, 0, _client_keys(curve_dir, rank)
+        )
         for rank in range(writers)
     ]
     try:
@@ -243,7 +253,9 @@ def measure_age(curve_dir: Path | None, samples: int, period_ms: float) -> dict[
         argv += ["--curve-dir", str(curve_dir)]
     collector = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seconds = samples * period_ms / 1000.0 + 10.0
-    writer = _spawn_writer(endpoint, 0, "paced", seconds, period_ms, _client_keys(curve_dir, 0))
+    writer = _spawn_writer(
+        instance, endpoint, 0, "paced", seconds, period_ms, _client_keys(curve_dir, 0)
+    )
     ages: list[int] = []
     reader = ShmReader(instance)
     try:
@@ -378,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="loadsnap-bench-keys-") as tmp:
         keys_dir = Path(tmp) / "keys"
         if use_curve:
-            generate_keys(keys_dir, clients=max(args.writers, 1))
+            generate_keys(keys_dir, clients=max(args.writers, 1), ranks_per_client=1)
         channels: list[tuple[str, Path | None]] = [("open", None)]
         if use_curve:
             channels.append(("curve", keys_dir))

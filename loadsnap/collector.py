@@ -2,11 +2,14 @@
 
 Theory of operation: one PULL socket binds the collector's endpoint; remote
 :class:`~loadsnap.zmq_writer.ZmqWriter` s connect to it. A dedicated thread owns every socket
-(PULL, its monitor, nothing else touches them) and drains continuously, not only when someone
-reads. Each frame is checked in this order, and a rejected frame is dropped and counted, never
-raised: size (``oversized``), decode (``undecodable`` / ``invalid``), rank (``rank_out_of_range``),
-freshness (``stale_epoch`` / ``out_of_order``). An accepted snapshot is written into the
-instance's shared-memory segment through :meth:`ShmWriter.publish_relayed` (one
+(PULL, its monitor and, with CURVE, the ZAP handler; nothing else touches them) and drains
+continuously, not only when someone reads. Each frame (a :mod:`loadsnap.frame` envelope: the
+instance and the snapshot) is checked in this order, and a rejected frame is dropped and counted,
+never raised: size (``oversized``), envelope (``undecodable`` / ``invalid``), instance
+(``wrong_instance``: none, or another deployment's), snapshot (``undecodable`` / ``invalid``),
+rank (``rank_out_of_range``, then ``rank_not_allowed``: the sender's CURVE key is not bound to
+that rank), freshness (``stale_epoch`` / ``out_of_order``). An accepted snapshot is written into
+the instance's shared-memory segment through :meth:`ShmWriter.publish_relayed` (one
 :class:`~loadsnap.ShmWriter` per remote rank, opened on the rank's first snapshot) with this
 host's receive time, so readers keep one read path and ages stay right when clocks disagree.
 
@@ -17,11 +20,21 @@ epoch is still heard from, and takes over once it has been quiet for ``epoch_tak
 locked out forever).
 
 Frames above ``max_message_bytes`` never reach us: libzmq (``MAXMSGSIZE``) disconnects that
-peer; the socket monitor counts the disconnect. Frames above the segment's payload capacity but
-below that are received and counted as ``oversized``. With CURVE on, a ZAP handler
-(``zmq.auth.thread.ThreadAuthenticator``) admits only listed client public keys; denied keys
-(``auth_rejected``) and peers speaking another mechanism, e.g. plain text (``handshake_failed``),
-are counted from the monitor.
+peer, and reports it as a plain disconnect (``disconnects``), which cannot be told from a peer
+that went away; writers refuse such frames before sending (``PayloadTooLargeError``). Frames
+whose snapshot is above the segment's payload capacity but below that are received and counted
+as ``oversized``.
+
+With CURVE on, the thread answers ZAP (:mod:`loadsnap._zap`): listed client keys get in, with
+their key as ``User-Id`` on every frame, which the rank check looks up in the key list. Denied
+keys (``auth_rejected``) and peers speaking another mechanism, e.g. plain text, or holding the
+wrong server key (``handshake_failed``) are counted from the monitor and logged as warnings on
+``loadsnap.collector`` naming the peer, at most one per peer and kind per ``warn_interval_s``.
+Frames dropped for their instance or for a rank their key may not publish are logged the same
+way.
+
+The counters are copied into a stats file after each poll (:mod:`loadsnap.collector_stats`),
+so ``/metrics`` of another process (``loadsnap serve``) shows them.
 
 Exactly one collector runs per instance: the constructor takes a non-blocking file lock next
 to the segment (``loadsnap-<instance>.collector.lock``) and holds it until :meth:`close`.
@@ -30,30 +43,40 @@ to the segment (``loadsnap-<instance>.collector.lock``) and holds it until :meth
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import socket
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Final
 
-import filelock
 import msgspec
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
+from loadsnap._handshake import FAILED_EVENTS, WarnLimiter, describe_failure
+from loadsnap._lockfile import LockFile
 from loadsnap._segment import segment_path, validate_instance
-from loadsnap.curve import CurveServerKeys
-from loadsnap.errors import LoadsnapError, TransportError, UsageError, WireError
+from loadsnap._zap import ZAP_ENDPOINT, decide
+from loadsnap.collector_stats import (
+    DROP_REASONS,
+    CollectorStats,
+    CollectorStatsFile,
+    collector_stats_path,
+)
+from loadsnap.curve import ClientKey, CurveServerKeys
+from loadsnap.errors import LoadsnapError, LockHeldError, TransportError, UsageError, WireError
+from loadsnap.frame import DEFAULT_MAX_MESSAGE_BYTES, FrameDecoder, frame_overhead_bytes
 from loadsnap.layout import DEFAULT_PAYLOAD_CAPACITY, SegmentGeometry
 from loadsnap.schema import LoadSnapshot
 from loadsnap.shm_writer import ShmWriter
-from loadsnap.wire import SnapshotDecoder
 
 __all__ = [
     "DEFAULT_EPOCH_TAKEOVER_S",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_WARN_INTERVAL_S",
     "DROP_REASONS",
     "Collector",
     "CollectorStats",
@@ -61,7 +84,9 @@ __all__ = [
     "is_loopback_endpoint",
 ]
 
-DEFAULT_MAX_MESSAGE_BYTES: Final[int] = 64 * 1024
+log = logging.getLogger("loadsnap.collector")
+
+DEFAULT_WARN_INTERVAL_S: Final[float] = 10.0
 DEFAULT_EPOCH_TAKEOVER_S: Final[float] = 2.0
 DEFAULT_RCVHWM: Final[int] = 10_000
 POLL_INTERVAL_MS: Final[int] = 50
@@ -69,54 +94,9 @@ DRAIN_BATCH: Final[int] = 1024
 START_TIMEOUT_S: Final[float] = 10.0
 OPEN_RETRY_NS: Final[int] = 1_000_000_000  # after a rank's slot could not be opened
 _MONITOR_EVENTS: Final[int] = (
-    zmq.EVENT_ACCEPTED
-    | zmq.EVENT_DISCONNECTED
-    | zmq.EVENT_HANDSHAKE_SUCCEEDED
-    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | FAILED_EVENTS
 )
-
-
-_HANDSHAKE_FAILED: Final[int] = (
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-)
-
-
-class CollectorStats(msgspec.Struct):
-    """Monotonic counters of one collector, for ``/metrics`` (``msgspec.structs.asdict``)."""
-
-    received: int = 0  # frames taken off the socket
-    relayed: int = 0  # snapshots written into the segment
-    oversized: int = 0  # larger than the segment's payload capacity
-    undecodable: int = 0  # not msgpack at all, or a multipart message
-    invalid: int = 0  # msgpack, but not a valid LoadSnapshot (wrong shape, negative count, NaN)
-    rank_out_of_range: int = 0  # dp_rank >= dp_size
-    stale_epoch: int = 0  # older epoch than the rank's live writer
-    out_of_order: int = 0  # seq not newer within the current epoch
-    relay_errors: int = 0  # the segment refused it (slot owned by a live local writer, ...)
-    epoch_takeovers: int = 0  # a lower epoch replaced one that had gone quiet
-    connections: int = 0  # TCP connections accepted
-    disconnects: int = 0  # peers gone, including those cut off for exceeding MAXMSGSIZE
-    handshakes: int = 0  # ZMTP handshakes completed (authenticated when CURVE is on)
-    auth_rejected: int = 0  # CURVE client key not on the allow-list
-    handshake_failed: int = 0  # wrong mechanism (e.g. a plain peer) or protocol error
-
-    @property
-    def dropped(self) -> int:
-        """Every frame received but not relayed."""
-        return sum(getattr(self, reason) for reason in DROP_REASONS)
-
-
-DROP_REASONS: Final[tuple[str, ...]] = (
-    "oversized",
-    "undecodable",
-    "invalid",
-    "rank_out_of_range",
-    "stale_epoch",
-    "out_of_order",
-    "relay_errors",
-)
+_UNKNOWN_PEER: Final[str] = "an unknown peer (gone before its address could be read)"
 
 
 class _RankState:
@@ -129,14 +109,30 @@ class _RankState:
         self.heard_mono_ns = 0
 
 
-class _AllowList:
-    """ZAP credentials provider: admits listed CURVE public keys (Z85)."""
+def _peer_of(fd: int) -> str | None:
+    """``host:port`` of the TCP peer on libzmq's ``fd``; None once the connection is gone."""
+    try:
+        dup = os.dup(fd)  # our own descriptor: closing it leaves libzmq's connection alone
+    except OSError:  # closed already (EBADF)
+        return None
+    try:
+        sock = socket.socket(fileno=dup)
+    except OSError:  # the number now names something that is not a socket
+        os.close(dup)
+        return None
+    try:
+        with sock:
+            address = sock.getpeername()
+    except OSError:  # not connected any more
+        return None
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = f"[{address[0]}]" if ":" in str(address[0]) else str(address[0])
+        return f"{host}:{address[1]}"
+    return str(address) or None
 
-    def __init__(self, keys: frozenset[bytes]) -> None:
-        self._keys = keys
 
-    def callback(self, domain: str, key: bytes) -> bool:
-        return key in self._keys
+def _host_of(peer: str) -> str:
+    return peer.rsplit(":", 1)[0] if ":" in peer else peer
 
 
 def collector_lock_path(instance: str, shm_dir: str | None = None) -> str:
@@ -164,26 +160,31 @@ class Collector:
     Parameters
     ----------
     instance:
-        Deployment instance whose segment receives the snapshots.
+        Deployment instance whose segment receives the snapshots; frames naming another
+        instance (or none) are dropped.
     dp_size:
         Number of ranks; frames naming a rank outside ``0..dp_size-1`` are dropped.
     bind:
         Endpoint to bind; ``tcp://127.0.0.1:*`` picks a free port (see :attr:`endpoint`).
     curve:
-        Server keys and client allow-list; None leaves the channel open (no auth, no encryption).
+        Server keys and the client key list with each key's ranks; None leaves the channel open
+        (no auth, no encryption, and any peer may publish any rank).
     payload_capacity, shm_dir:
         As for :class:`~loadsnap.ShmWriter`.
     max_message_bytes:
         ``MAXMSGSIZE``: a peer sending a larger frame is disconnected by libzmq.
     epoch_takeover_s:
         Quiet time after which a lower epoch may replace a rank's current one.
+    warn_interval_s:
+        At most one warning per peer and kind of failure (or drop) per this many seconds.
 
     Raises
     ------
     UsageError
         Bad arguments.
     TransportError
-        Another collector holds the instance's lock, or the endpoint cannot be bound.
+        Another collector holds the instance's lock, the endpoint cannot be bound, or the stats
+        file cannot be created.
     """
 
     def __init__(
@@ -197,6 +198,7 @@ class Collector:
         shm_dir: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         epoch_takeover_s: float = DEFAULT_EPOCH_TAKEOVER_S,
+        warn_interval_s: float = DEFAULT_WARN_INTERVAL_S,
     ) -> None:
         self.instance = validate_instance(instance)
         self.geometry = SegmentGeometry(dp_size, payload_capacity)
@@ -211,10 +213,18 @@ class Collector:
         self.curve = curve is not None
         self.stats = CollectorStats()
         self._curve_keys = curve
+        # Z85 public key (the frames' User-Id) -> its allow-list entry.
+        self._clients: dict[str, ClientKey] | None = (
+            None if curve is None else {c.public.decode("ascii"): c for c in curve.clients}
+        )
         self._shm_dir = shm_dir
         self._max_message_bytes = max_message_bytes
+        self._frame_capacity = payload_capacity + frame_overhead_bytes(self.instance)
         self._takeover_ns = int(epoch_takeover_s * 1e9)
-        self._decoder = SnapshotDecoder()
+        self._decoder = FrameDecoder()
+        self._warnings = WarnLimiter(warn_interval_s)
+        self._peers: dict[int, str] = {}  # libzmq's fd -> "host:port", from EVENT_ACCEPTED
+        self._failure: tuple[str, str] | None = None  # (kind, detail) until its DISCONNECTED
         self._ranks: dict[int, _RankState] = {}
         self._latest: dict[int, LoadSnapshot] = {}
         self._retry_open_ns: dict[int, int] = {}
@@ -223,23 +233,21 @@ class Collector:
         self._start_error: BaseException | None = None
         self._closed = False
         self.lock_path = collector_lock_path(instance, shm_dir)
-        self._lock = filelock.FileLock(self.lock_path, timeout=0, mode=0o600)
+        self._lock = LockFile(self.lock_path, "collector lock")
         try:
-            self._lock.acquire()
-        except filelock.Timeout:
+            self._lock.acquire(0)
+        except LockHeldError:
             raise TransportError(
                 f"another collector runs for instance={instance} (lock={self.lock_path})"
             ) from None
+        self.stats_path = collector_stats_path(instance, shm_dir)
+        self._stats_file: CollectorStatsFile | None = None
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._auth: ThreadAuthenticator | None = None
         self._thread = threading.Thread(
             target=self._run, name=f"loadsnap-collector-{instance}", daemon=True
         )
         try:
-            if curve is not None:
-                self._auth = ThreadAuthenticator(self._context)
-                self._auth.start()
-                self._auth.configure_curve_callback("*", _AllowList(curve.allowed_clients))
+            self._stats_file = CollectorStatsFile(self.stats_path, os.getpid(), time.time_ns())
             self._thread.start()
             if not self._ready.wait(START_TIMEOUT_S):
                 raise TransportError(f"collector did not start (endpoint={bind})")
@@ -250,6 +258,20 @@ class Collector:
             raise
 
     # --- receiving thread ---------------------------------------------------------------------
+
+    def _open_zap(self) -> zmq.Socket[bytes]:
+        # Bound before the PULL socket: libzmq admits every CURVE client when no ZAP handler
+        # is bound in the context, so no handshake may happen before this exists.
+        zap = self._context.socket(zmq.REP)
+        try:
+            zap.setsockopt(zmq.LINGER, 0)
+            zap.bind(ZAP_ENDPOINT)
+        except zmq.ZMQError as exc:
+            zap.close(linger=0)
+            raise TransportError(
+                f"cannot bind ZAP handler: {exc} (endpoint={ZAP_ENDPOINT})"
+            ) from exc
+        return zap
 
     def _open_socket(self) -> zmq.Socket[bytes]:
         sock = self._context.socket(zmq.PULL)
@@ -270,9 +292,14 @@ class Collector:
         return sock
 
     def _run(self) -> None:
+        zap: zmq.Socket[bytes] | None = None
         try:
+            if self._clients is not None:
+                zap = self._open_zap()
             sock = self._open_socket()
         except BaseException as exc:
+            if zap is not None:
+                zap.close(linger=0)
             self._start_error = exc
             self._ready.set()
             return
@@ -280,36 +307,66 @@ class Collector:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
+        if zap is not None:
+            poller.register(zap, zmq.POLLIN)
+        stats_file = self._stats_file
         self._ready.set()
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(POLL_INTERVAL_MS))
-                if sock in events:
-                    self._drain(sock)
+                # The monitor first: an accepted connection's address can only be read while
+                # its descriptor is open.
                 if monitor in events:
                     self._drain_monitor(monitor)
+                if zap is not None and zap in events:
+                    self._answer_zap(zap)
+                if sock in events:
+                    self._drain(sock)
+                if stats_file is not None:
+                    stats_file.store(self.stats)
         finally:
             with contextlib.suppress(zmq.ZMQError):
                 sock.disable_monitor()
             monitor.close(linger=0)
             sock.close(linger=0)
+            if zap is not None:
+                zap.close(linger=0)  # after the PULL socket: no handshake left to decide
 
     def _drain(self, sock: zmq.Socket[bytes]) -> None:
         for _ in range(DRAIN_BATCH):
             try:
-                frame = sock.recv(zmq.NOBLOCK)
+                frame = sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self.stats.received += 1
-            if sock.getsockopt(zmq.RCVMORE):
+            if frame.more:
                 self._discard_rest(sock)
                 self.stats.undecodable += 1
                 continue
-            self._handle(frame, time.monotonic_ns())
+            self._handle(frame.bytes, time.monotonic_ns(), frame)
 
     def _discard_rest(self, sock: zmq.Socket[bytes]) -> None:
         while sock.getsockopt(zmq.RCVMORE):
             sock.recv(zmq.NOBLOCK)  # the remaining parts of a message are already here
+
+    def _answer_zap(self, zap: zmq.Socket[bytes]) -> None:
+        clients = self._clients
+        assert clients is not None
+        while True:
+            try:
+                request = zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            decision = decide(request, clients)
+            zap.send_multipart(decision.reply)  # REP: one reply per request, in order
+            if decision.client is None:
+                self._warn(
+                    ("auth_rejected", decision.address),
+                    "CURVE handshake from %s failed: %s (key=%s)",
+                    decision.address or "?",
+                    decision.reason,
+                    decision.key or "-",
+                )
 
     def _drain_monitor(self, monitor: zmq.Socket[bytes]) -> None:
         stats = self.stats
@@ -318,35 +375,78 @@ class Collector:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            kind = event["event"]
+            kind, value = event["event"], event["value"]
             if kind == zmq.EVENT_ACCEPTED:
                 stats.connections += 1
+                peer = _peer_of(value)
+                if peer is not None:
+                    self._peers[value] = peer
             elif kind == zmq.EVENT_DISCONNECTED:
                 stats.disconnects += 1
+                self._report_failure(self._peers.pop(value, None))
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 stats.handshakes += 1
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                stats.auth_rejected += 1
-            elif kind & _HANDSHAKE_FAILED:
-                stats.handshake_failed += 1
+            elif kind & FAILED_EVENTS:
+                failure = describe_failure(kind, value, server=True, curve=self.curve)
+                setattr(stats, failure.kind, getattr(stats, failure.kind) + 1)
+                if kind != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # the ZAP handler named those
+                    # libzmq emits the connection's DISCONNECTED right after this event.
+                    self._failure = (failure.kind, failure.detail)
 
-    def _handle(self, frame: bytes, received_mono_ns: int) -> None:
-        """Check one frame and relay it; every rejection is counted, none raises."""
+    def _report_failure(self, peer: str | None) -> None:
+        if self._failure is None:
+            return
+        kind, detail = self._failure
+        self._failure = None
+        name = peer or _UNKNOWN_PEER
+        # One warning per host (ports change at each reconnect) and kind of failure.
+        self._warn(
+            (kind, _host_of(peer) if peer else None, detail),
+            "handshake from %s failed: %s",
+            name,
+            detail,
+        )
+
+    def _warn(self, key: tuple[object, ...], message: str, *args: object) -> None:
+        held = self._warnings.allow(key)
+        if held is None:
+            return
+        if held:
+            message += " (%d more like this held back)"
+            args = (*args, held)
+        log.warning(message, *args)
+
+    def _handle(self, frame: bytes, received_mono_ns: int, meta: zmq.Frame | None = None) -> None:
+        """Check one frame and relay it; every rejection is counted, none raises.
+
+        ``meta`` is the received :class:`zmq.Frame` (its ``User-Id`` and ``Peer-Address``
+        properties); without it, CURVE on, no rank is allowed.
+        """
         stats = self.stats
-        if len(frame) > self.geometry.payload_capacity:
+        if len(frame) > self._frame_capacity:
             stats.oversized += 1
             return
         try:
-            snapshot = self._decoder.decode(frame)
+            head = self._decoder.decode_head(frame)
         except WireError as exc:
-            if isinstance(exc.__cause__, msgspec.ValidationError):
-                stats.invalid += 1
-            else:
-                stats.undecodable += 1
+            self._count_wire_error(exc)
+            return
+        if head.instance != self.instance:
+            stats.wrong_instance += 1
+            self._warn_dropped("wrong_instance", head.instance, meta)
+            return
+        try:
+            snapshot = self._decoder.decode_snapshot(head)
+        except WireError as exc:
+            self._count_wire_error(exc)
             return
         rank = snapshot.dp_rank
         if rank >= self.dp_size:
             stats.rank_out_of_range += 1
+            return
+        if self._clients is not None and not self._may_publish(rank, meta):
+            stats.rank_not_allowed += 1
+            self._warn_dropped("rank_not_allowed", rank, meta)
             return
         state = self._ranks.get(rank)
         if state is None:
@@ -371,6 +471,50 @@ class Collector:
         state.epoch, state.seq, state.heard_mono_ns = snapshot.epoch, remote_seq, received_mono_ns
         self._latest[rank] = snapshot
         stats.relayed += 1
+
+    def _count_wire_error(self, exc: WireError) -> None:
+        if isinstance(exc.__cause__, msgspec.ValidationError):
+            self.stats.invalid += 1
+        else:
+            self.stats.undecodable += 1
+
+    def _client_of(self, meta: zmq.Frame | None) -> ClientKey | None:
+        if meta is None or self._clients is None:
+            return None
+        try:
+            user_id = meta.get("User-Id")
+        except zmq.ZMQError:  # no User-Id: not admitted by our ZAP handler
+            return None
+        return self._clients.get(str(user_id))
+
+    def _may_publish(self, rank: int, meta: zmq.Frame | None) -> bool:
+        client = self._client_of(meta)
+        return client is not None and rank in client.ranks
+
+    def _warn_dropped(self, reason: str, value: object, meta: zmq.Frame | None) -> None:
+        peer = "?"
+        if meta is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                peer = str(meta.get("Peer-Address"))
+        if reason == "wrong_instance":
+            found = "no instance" if value is None else f"instance={value!r}"
+            self._warn(
+                (reason, peer, value),
+                "dropped frames from %s: %s, this collector serves instance=%r",
+                peer,
+                found,
+                self.instance,
+            )
+            return
+        client = self._client_of(meta)
+        self._warn(
+            (reason, peer, value),
+            "dropped frames from %s: dp_rank=%s not allowed for CURVE key %s (ranks=%s)",
+            peer,
+            value,
+            client.name if client is not None else "?",
+            client.ranks if client is not None else "-",
+        )
 
     def _is_newer(self, state: _RankState, snapshot: LoadSnapshot, now_ns: int) -> bool:
         epoch, seq = snapshot.epoch, snapshot.seq
@@ -420,7 +564,8 @@ class Collector:
         return self._thread.is_alive()
 
     def close(self) -> None:
-        """Stop receiving, close the sockets, detach from the segment, release the lock.
+        """Stop receiving, close the sockets, detach from the segment, remove the stats file,
+        release the lock.
 
         Idempotent. Returns within about one poll interval.
         """
@@ -430,18 +575,15 @@ class Collector:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        if self._auth is not None:
-            self._auth.stop()
         self._context.term()
+        if self._stats_file is not None:
+            self._stats_file.close()
         for state in self._ranks.values():
             with contextlib.suppress(LoadsnapError):
                 state.writer.close()
         self._ranks.clear()
-        # Remove the lock file while still holding it, so no /dev/shm entry outlives us; a
-        # collector starting concurrently at worst fails to bind the same endpoint.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.lock_path)
-        self._lock.release()
+        # Removed while held (LockFile re-checks the inode), so no /dev/shm entry outlives us.
+        self._lock.release(remove=True)
 
     def __enter__(self) -> Collector:
         return self

@@ -16,6 +16,11 @@ depth, or the ZMQ collector's drops::
 
 A provider that raises is skipped for that scrape and counted in
 ``loadsnap_metric_provider_errors_total``; a scrape never fails because of one.
+
+The ZMQ collector's counters come through ``collector_stats`` (``loadsnap serve`` reads the
+collector's stats file, see :mod:`loadsnap.collector_stats`) and render as
+``loadsnap_collector_*`` families (:func:`collector_families`), present only while a collector
+runs for the instance.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ from typing import Final, Literal
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from loadsnap.collector_stats import DROP_REASONS, CollectorStatsRead
 from loadsnap.errors import LoadsnapError, UsageError
 from loadsnap.reading import ReaderStats, SegmentState, SlotRead, SlotStatus, SnapshotSource
 from loadsnap.shm_reader import SegmentUnavailableError, ShmReader
 
-__all__ = ["LoadsnapCollector", "MetricProvider", "slot_refused_counts"]
+__all__ = ["LoadsnapCollector", "MetricProvider", "collector_families", "slot_refused_counts"]
 
 ProviderKind = Literal["counter", "gauge"]
 ProviderValues = Mapping[tuple[str, ...], float]
@@ -51,6 +57,77 @@ _READER_COUNTERS: Final[tuple[tuple[str, str, str], ...]] = (
     ("decode_errors", "reader_decode_errors_total", "Consistent records that failed to decode."),
     ("reattaches", "reader_reattaches_total", "Re-attachments to a recreated segment."),
 )
+
+
+_COLLECTOR_COUNTERS: Final[tuple[tuple[str, str, str], ...]] = (
+    ("received", "collector_frames_received_total", "Frames the ZMQ collector took in."),
+    (
+        "relayed",
+        "collector_frames_relayed_total",
+        "Snapshots the ZMQ collector wrote into the segment.",
+    ),
+    (
+        "epoch_takeovers",
+        "collector_epoch_takeovers_total",
+        "Ranks whose lower epoch replaced one that had gone quiet (a restart on a host whose "
+        "clock is behind).",
+    ),
+    ("connections", "collector_connections_total", "TCP connections the collector accepted."),
+    (
+        "disconnects",
+        "collector_disconnects_total",
+        "Peer connections closed, whatever the cause: writers that went away, failed "
+        "handshakes, and writers libzmq cut off for a frame above max_message_bytes "
+        "(MAXMSGSIZE), which libzmq reports as a plain disconnect.",
+    ),
+    (
+        "handshakes",
+        "collector_handshakes_total",
+        "ZMTP handshakes completed (CURVE-authenticated when keys are on).",
+    ),
+)
+_DROPPED_HELP: Final[str] = (
+    "Frames the ZMQ collector received and dropped, by reason: oversized (snapshot above the "
+    "slot's payload capacity), undecodable, invalid, wrong_instance (no instance, or another "
+    "deployment's), rank_out_of_range, rank_not_allowed (CURVE key not bound to the rank), "
+    "stale_epoch, out_of_order, relay_errors. Frames above max_message_bytes never arrive: "
+    "see collector_disconnects_total."
+)
+_HANDSHAKE_FAILURES: Final[tuple[tuple[str, str], ...]] = (
+    ("auth_rejected", "auth_rejected"),
+    ("handshake_failed", "protocol"),
+)
+
+
+def collector_families(read: CollectorStatsRead, prefix: str = "loadsnap_") -> Iterator[Metric]:
+    """The ZMQ collector's counters as Prometheus families (a pure function of ``read``)."""
+    stats = read.stats
+    for attribute, name, help_text in _COLLECTOR_COUNTERS:
+        family = CounterMetricFamily(prefix + name[: -len("_total")], help_text)
+        family.add_metric([], getattr(stats, attribute))
+        yield family
+    dropped = CounterMetricFamily(
+        prefix + "collector_frames_dropped", _DROPPED_HELP, labels=["reason"]
+    )
+    for reason in DROP_REASONS:
+        dropped.add_metric([reason], getattr(stats, reason))
+    yield dropped
+    failures = CounterMetricFamily(
+        prefix + "collector_handshake_failures",
+        "Handshakes the ZMQ collector refused, by kind: auth_rejected (CURVE key not on the "
+        "allow-list), protocol (mechanism mismatch such as a writer without keys, a wrong "
+        "server key, another ZMTP error).",
+        labels=["kind"],
+    )
+    for attribute, kind in _HANDSHAKE_FAILURES:
+        failures.add_metric([kind], getattr(stats, attribute))
+    yield failures
+    started = GaugeMetricFamily(
+        prefix + "collector_start_time_seconds",
+        "When the running ZMQ collector started (Unix time): its counters start from 0 then.",
+    )
+    started.add_metric([], read.started_wall_ns / 1e9)
+    yield started
 
 
 @dataclass(frozen=True)
@@ -90,6 +167,10 @@ class LoadsnapCollector:
         Returns the reader's counters (default: ``source.stats`` when it has them).
     refused:
         Returns refused payloads per rank, e.g. ``lambda: slot_refused_counts(reader)``.
+    collector_stats:
+        Returns the ZMQ collector's counters, or None while no collector runs, e.g.
+        ``lambda: read_collector_stats(instance)``. A call that raises is counted in
+        ``metric_provider_errors_total{provider="collector_stats"}``.
     prefix:
         Prepended to every metric name.
     """
@@ -100,6 +181,7 @@ class LoadsnapCollector:
         *,
         stats: Callable[[], ReaderStats] | None = None,
         refused: Callable[[], Sequence[int]] | None = None,
+        collector_stats: Callable[[], CollectorStatsRead | None] | None = None,
         prefix: str = "loadsnap_",
     ) -> None:
         if prefix and not _NAME_RE.match(prefix):
@@ -112,6 +194,7 @@ class LoadsnapCollector:
                 stats = lambda: own  # noqa: E731
         self._stats = stats
         self._refused = refused
+        self._collector_stats = collector_stats
         self._providers: dict[str, MetricProvider] = {}
         self._lock = threading.Lock()
         self._provider_errors: dict[str, int] = {}
@@ -178,7 +261,24 @@ class LoadsnapCollector:
                 yield family
         if self._source is not None:
             yield from self._collect_source()
+        if self._collector_stats is not None:
+            yield from self._collect_collector_stats(self._collector_stats)
         yield from self._collect_providers()
+
+    def _collect_collector_stats(
+        self, read: Callable[[], CollectorStatsRead | None]
+    ) -> Iterator[Metric]:
+        try:
+            stats = read()
+        except Exception:  # a foreign or damaged stats file must not fail the scrape
+            self._count_provider_error("collector_stats")
+            return
+        if stats is not None:
+            yield from collector_families(stats, self.prefix)
+
+    def _count_provider_error(self, name: str) -> None:
+        with self._lock:
+            self._provider_errors[name] = self._provider_errors.get(name, 0) + 1
 
     def _collect_source(self) -> Iterator[Metric]:
         p = self.prefix
@@ -233,10 +333,7 @@ class LoadsnapCollector:
             try:
                 values = dict(provider.read())
             except Exception:  # a provider's bug must not fail the scrape
-                with self._lock:
-                    self._provider_errors[provider.name] = (
-                        self._provider_errors.get(provider.name, 0) + 1
-                    )
+                self._count_provider_error(provider.name)
                 continue
             family: Metric
             if provider.kind == "counter":

@@ -22,6 +22,7 @@ from fastapi.responses import Response
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from loadsnap.collector_stats import CollectorStatsRead, read_collector_stats
 from loadsnap.errors import LoadsnapError, UsageError
 from loadsnap.exposition import USABLE_STATUSES
 from loadsnap.http import LockedSource, loads_router
@@ -79,7 +80,10 @@ def create_app(
     """Build the sidecar app for ``instance`` (or for any ``source``).
 
     ``app.state.collector`` is the :class:`~loadsnap.metrics.LoadsnapCollector` behind
-    ``/metrics``: add other components' counters to it with ``add_provider``.
+    ``/metrics``: add other components' counters to it with ``add_provider``. With
+    ``instance=``, ``/metrics`` also carries the counters of the instance's ZMQ collector
+    (``loadsnap_collector_*``) while one runs, read from its stats file at each scrape, in
+    whichever process it runs.
 
     Parameters
     ----------
@@ -109,7 +113,15 @@ def create_app(
     def refused() -> list[int]:
         return locked.call(slot_refused_counts)
 
-    collector = LoadsnapCollector(locked, refused=refused if reader is not None else None)
+    def collector_stats() -> CollectorStatsRead | None:
+        assert instance is not None
+        return read_collector_stats(instance, shm_dir)
+
+    collector = LoadsnapCollector(
+        locked,
+        refused=refused if reader is not None else None,
+        collector_stats=collector_stats if instance is not None else None,
+    )
     registry = CollectorRegistry(auto_describe=True)
     registry.register(collector)
 

@@ -178,4 +178,4 @@ def make_writer(
             "transport=zmq needs a collector address: pass collector= or set LOADSNAP_COLLECTOR"
         )
     curve = _curve_from_env(curve_server_key, curve_client_key)
-    return ZmqWriter(endpoint, dp_size, dp_rank, curve=curve)
+    return ZmqWriter(endpoint, dp_size, dp_rank, instance=instance, curve=curve)

@@ -93,14 +93,17 @@ _PACK_INTS: Final = struct.Struct("<10q").pack
 _VALIDATING_DECODER: Final = msgspec.msgpack.Decoder(LoadSnapshot)
 
 
-def check_publishable(snapshot: LoadSnapshot, payload: bytes | bytearray, offset: int = 0) -> None:
+def check_publishable(
+    snapshot: LoadSnapshot, payload: bytes | bytearray | None = None, offset: int = 0
+) -> None:
     """Refuse, before it is published, a snapshot that readers would refuse to decode.
 
     The writers' pre-publish check, shared by :class:`~loadsnap.ShmWriter` and
-    :class:`~loadsnap.zmq_writer.ZmqWriter`. ``payload[offset:]`` is the snapshot's encoded
-    msgpack. The top-level numbers are compared directly (about 0.2 µs); when a section is
-    present, or a number looks wrong, the payload is decoded with the readers' own validating
-    decoder (1-2 µs), so the writer refuses exactly what readers would.
+    :class:`~loadsnap.zmq_writer.ZmqWriter`. ``payload[offset:]``, when given, is the
+    snapshot's msgpack encoding (else it is encoded here when needed). The top-level numbers
+    are compared directly (about 0.2 µs); when a section is present, or a number looks wrong,
+    the payload is decoded with the readers' own validating decoder (1-2 µs), so the writer
+    refuses exactly what readers would.
 
     Raises
     ------
@@ -127,6 +130,8 @@ def check_publishable(snapshot: LoadSnapshot, payload: bytes | bytearray, offset
         and snapshot.queues is None
     ):
         return
+    if payload is None:
+        payload = _ENCODER.encode(snapshot)
     try:
         _VALIDATING_DECODER.decode(payload[offset:] if offset else payload)
     except msgspec.ValidationError as exc:

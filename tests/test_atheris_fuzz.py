@@ -6,8 +6,9 @@
   ``LayoutError`` may come out.
 * ``frame``: libFuzzer's bytes are one ZMQ frame handed to the :class:`~loadsnap.collector.
   Collector`'s per-frame handler (the function its receive loop calls), starting from a corpus of
-  valid frames. Nothing may raise, and each frame adds exactly one to ``relayed`` or to one drop
-  reason.
+  valid frames (:mod:`loadsnap.frame` envelopes for the collector's instance) and near misses
+  (another instance, a bare snapshot, hostile maps). Nothing may raise, and each frame adds
+  exactly one to ``relayed`` or to one drop reason.
 
 ``atheris.Fuzz`` ends the process when done, so each target runs in a subprocess (this file run
 as a script) for a fixed number of runs with a fixed seed; a Python exception there is a crash:
@@ -36,6 +37,7 @@ SEED = int(os.environ.get("LOADSNAP_ATHERIS_SEED", "1"))
 DP_SIZE = 2
 CAPACITY = 512
 SUMMARY_EVERY = 100
+FRAME_INSTANCE = "atheris-frame"
 
 needs_atheris = pytest.mark.skipif(
     importlib.util.find_spec("atheris") is None,
@@ -147,14 +149,15 @@ def _frame_target(shm_dir: str, tally: _Tally) -> Any:
     from loadsnap.collector import DROP_REASONS, Collector
 
     collector = Collector(
-        "atheris-frame", DP_SIZE, "tcp://127.0.0.1:*", payload_capacity=CAPACITY, shm_dir=shm_dir
+        FRAME_INSTANCE, DP_SIZE, "tcp://127.0.0.1:*", payload_capacity=CAPACITY, shm_dir=shm_dir
     )
     stats = collector.stats
     counted = ("relayed", *DROP_REASONS)
 
     def target(data: bytes) -> None:
         before = [getattr(stats, name) for name in counted]
-        # The receive loop's per-frame step: size check, decode, rank/epoch/seq rules, relay.
+        # The receive loop's per-frame step: size check, envelope, instance, snapshot decode,
+        # rank/epoch/seq rules, relay.
         collector._handle(data, time.monotonic_ns())
         moved = [
             name for name, old in zip(counted, before, strict=True) if getattr(stats, name) != old
@@ -187,6 +190,7 @@ def _seed_corpus(directory: Path) -> None:
     import msgspec
 
     from loadsnap import LoadSnapshot, MemorySection, QueueSection
+    from loadsnap.frame import encode_frame
 
     frames = [
         LoadSnapshot(dp_rank=0, num_running_reqs=3, seq=1, epoch=1),
@@ -197,8 +201,12 @@ def _seed_corpus(directory: Path) -> None:
     ]
     directory.mkdir()
     for i, snapshot in enumerate(frames):
-        (directory / f"seed-{i}").write_bytes(msgspec.msgpack.encode(snapshot))
-    (directory / "seed-map").write_bytes(msgspec.msgpack.encode({"dp_rank": -1, "seq": "x"}))
+        (directory / f"seed-{i}").write_bytes(encode_frame(FRAME_INSTANCE, snapshot))
+    (directory / "seed-other-instance").write_bytes(encode_frame("other", frames[0]))
+    (directory / "seed-bare").write_bytes(msgspec.msgpack.encode(frames[1]))
+    hostile = {"instance": FRAME_INSTANCE, "snapshot": {"dp_rank": -1, "seq": "x"}}
+    (directory / "seed-map").write_bytes(msgspec.msgpack.encode(hostile))
+    (directory / "seed-envelope").write_bytes(msgspec.msgpack.encode({"instance": 7}))
     (directory / "seed-oversized").write_bytes(b"\x80" * (CAPACITY + 100))
 
 
@@ -248,9 +256,8 @@ def test_atheris_zmq_frames_rejected_and_counted(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     _seed_corpus(corpus)
     figures = _fuzz("frame", tmp_path, "-max_len=1024", str(corpus))
-    assert all(figures.get(name, 0) > 0 for name in ("relayed", "undecodable", "oversized")), (
-        figures
-    )
+    expected = ("relayed", "undecodable", "invalid", "oversized", "wrong_instance")
+    assert all(figures.get(name, 0) > 0 for name in expected), figures
     report("atheris_frame", figures)
 
 

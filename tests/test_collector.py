@@ -7,6 +7,7 @@ in the test process. Every wait is bounded and polls a condition.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -22,12 +23,14 @@ import zmq
 from loadsnap import LoadSnapshot, ShmReader, ShmWriter, SlotRead, SlotStatus
 from loadsnap.collector import Collector, collector_lock_path
 from loadsnap.errors import TransportError
+from loadsnap.frame import encode_frame
 from loadsnap.shm_reader import SegmentUnavailableError
+from tests.test_chaos import report
 
 LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"
 WAIT_S = 10.0
 
-# argv: endpoint dp_size rank mode arg [server_key client_secret]
+# argv: instance endpoint dp_size rank mode arg [server_key client_secret]
 #   mode "burst": warm up until connected, publish num_running_reqs=1..arg back to back, idle.
 #   mode "stream": publish num_running_reqs=1,2,... every arg milliseconds.
 # Stops on SIGTERM (or after 30 s) and prints its counters as one JSON line.
@@ -37,13 +40,13 @@ from loadsnap.curve import load_client_keys
 from loadsnap.schema import LoadSnapshot
 from loadsnap.zmq_writer import ZmqWriter
 
-endpoint, dp_size, rank, mode, arg = sys.argv[1:6]
+instance, endpoint, dp_size, rank, mode, arg = sys.argv[1:7]
 dp_size, rank, arg = int(dp_size), int(rank), int(arg)
-curve = load_client_keys(sys.argv[6], sys.argv[7]) if len(sys.argv) > 7 else None
+curve = load_client_keys(sys.argv[7], sys.argv[8]) if len(sys.argv) > 8 else None
 stopping = []
 signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
 deadline = time.monotonic() + 30.0
-writer = ZmqWriter(endpoint, dp_size, rank, curve=curve)
+writer = ZmqWriter(endpoint, dp_size, rank, instance=instance, curve=curve)
 slowest_ns = 0
 def publish(k):
     global slowest_ns
@@ -66,13 +69,14 @@ else:
         publish(k)
         time.sleep(arg / 1000.0)
 stats = {"sent": writer.stats.sent, "dropped": writer.stats.dropped, "slowest_ns": slowest_ns,
-         "epoch": writer.epoch}
+         "epoch": writer.epoch, "handshake_failures": writer.stats.handshake_failures}
 writer.close()
 print(json.dumps(stats), flush=True)
 """
 
 
 def spawn_writer(
+    instance: str,
     endpoint: str,
     dp_size: int,
     rank: int,
@@ -82,9 +86,9 @@ def spawn_writer(
     prefix: Sequence[str] = (),
 ) -> subprocess.Popen[str]:
     """Start one writer process (``prefix`` runs it elsewhere, e.g. ``ip netns exec NS``)."""
-    argv = [*prefix, sys.executable, "-c", WRITER_SCRIPT, endpoint, str(dp_size), str(rank)]
+    argv = [*prefix, sys.executable, "-c", WRITER_SCRIPT, instance, endpoint, str(dp_size)]
     return subprocess.Popen(
-        [*argv, mode, str(arg), *keys],
+        [*argv, str(rank), mode, str(arg), *keys],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -153,9 +157,10 @@ def raw_push(context: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Sock
     return sock
 
 
-def frame(**fields: Any) -> bytes:
-    """A msgpack map, not checked against the schema (so it can break it)."""
-    return msgspec.msgpack.encode(fields)
+def frame(instance: str, **fields: Any) -> bytes:
+    """A frame for ``instance`` whose snapshot is a msgpack map not checked against the schema
+    (so it can break it)."""
+    return msgspec.msgpack.encode({"instance": instance, "snapshot": fields})
 
 
 @pytest.mark.usefixtures("collector_lock_cleanup")
@@ -164,7 +169,7 @@ def test_latest_per_rank_after_bursts(instance: str) -> None:
     remote = (1, 2, 3)
     local = ShmWriter(instance, 4, 0)  # a same-node rank shares the segment with relayed ones
     collector = Collector(instance, 4, LOOPBACK_ANY_PORT)
-    procs = [spawn_writer(collector.endpoint, 4, rank, "burst", burst) for rank in remote]
+    procs = [spawn_writer(instance, collector.endpoint, 4, rank, "burst", burst) for rank in remote]
     try:
         local.publish(LoadSnapshot(dp_rank=0, num_running_reqs=7))
         reader = ShmReader(instance)
@@ -195,7 +200,7 @@ def test_collector_restart_while_writers_run(instance: str) -> None:
     remote = (0, 1, 2)
     first = Collector(instance, 3, LOOPBACK_ANY_PORT)
     endpoint = first.endpoint  # rebind the same port after the restart
-    procs = [spawn_writer(endpoint, 3, rank, "stream", 5) for rank in remote]
+    procs = [spawn_writer(instance, endpoint, 3, rank, "stream", 5) for rank in remote]
     second: Collector | None = None
     try:
         reader = ShmReader(instance, stale_after_s=0.5)
@@ -228,7 +233,7 @@ def test_bad_frames_dropped_and_counted_while_good_peer_flows(instance: str) -> 
     collector = Collector(
         instance, 2, LOOPBACK_ANY_PORT, payload_capacity=capacity, max_message_bytes=4096
     )
-    good = spawn_writer(collector.endpoint, 2, 0, "stream", 5)
+    good = spawn_writer(instance, collector.endpoint, 2, 0, "stream", 5)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         reader = ShmReader(instance)
@@ -236,10 +241,10 @@ def test_bad_frames_dropped_and_counted_while_good_peer_flows(instance: str) -> 
         bad = raw_push(context, collector.endpoint)
         bad.send(b"\xc1 not msgpack")
         bad.send(b"\xff" * 10)  # msgpack (a small int), but not a snapshot: invalid
-        bad.send_multipart([frame(dp_rank=1), b"tail"])
-        bad.send(frame(dp_rank=1, token_usage=2.0))
-        bad.send(frame(dp_rank=1, num_running_reqs=-3))
-        bad.send(frame(dp_rank=7, seq=1, epoch=1))
+        bad.send_multipart([frame(instance, dp_rank=1), b"tail"])
+        bad.send(frame(instance, dp_rank=1, token_usage=2.0))
+        bad.send(frame(instance, dp_rank=1, num_running_reqs=-3))
+        bad.send(frame(instance, dp_rank=7, seq=1, epoch=1))
         bad.send(b"\x80" * (capacity + 100))  # above the payload capacity, below MAXMSGSIZE
         huge = raw_push(context, collector.endpoint)
         huge.send(b"\x00" * 100_000)  # above MAXMSGSIZE: libzmq cuts this peer off
@@ -271,6 +276,52 @@ def test_bad_frames_dropped_and_counted_while_good_peer_flows(instance: str) -> 
 
 
 @pytest.mark.usefixtures("collector_lock_cleanup")
+def test_wrong_instance_dropped_counted_and_logged(
+    instance: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="loadsnap.collector")
+    collector = Collector(instance, 2, LOOPBACK_ANY_PORT, warn_interval_s=3600.0)
+    # A writer process configured for another deployment, sharing the collector's address.
+    stranger = spawn_writer("other-deployment", collector.endpoint, 2, 0, "stream", 5)
+    good = spawn_writer(instance, collector.endpoint, 2, 1, "stream", 5)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        push = raw_push(context, collector.endpoint)
+        # A writer from before the envelope: a bare snapshot, no instance at all.
+        push.send(msgspec.msgpack.encode(LoadSnapshot(dp_rank=0, num_running_reqs=99)))
+        reader = ShmReader(instance)
+
+        def settled() -> bool:
+            return collector.stats.wrong_instance >= 20 and 1 in running_reqs(reader, (1,))
+
+        assert wait_until(settled), collector.stats_dict()
+        assert 0 not in collector.latest()  # nothing of the stranger's reached the segment
+        assert read_segment(reader)[0].status is SlotStatus.NEVER_PUBLISHED
+        assert collector.dropped_by_reason()[("wrong_instance",)] >= 20
+        reader.close()
+    finally:
+        results = stop_writers([stranger, good])
+        context.destroy(linger=0)
+        collector.close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "loadsnap.collector"]
+    # One warning per peer and instance found, however many frames (rate-limited).
+    serves = f"this collector serves instance={instance!r}"
+    assert sorted(warnings) == [
+        f"dropped frames from 127.0.0.1: instance='other-deployment', {serves}",
+        f"dropped frames from 127.0.0.1: no instance, {serves}",
+    ], warnings
+    report(
+        "zmq_wrong_instance",
+        {
+            "stranger_sent": results[0].get("sent"),
+            "wrong_instance_dropped": collector.stats.wrong_instance,
+            "relayed_from_stranger": 0,
+            "warnings": len(warnings),
+        },
+    )
+
+
+@pytest.mark.usefixtures("collector_lock_cleanup")
 def test_seq_and_epoch_rules(instance: str) -> None:
     collector = Collector(instance, 2, LOOPBACK_ANY_PORT, epoch_takeover_s=0.3)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -279,7 +330,7 @@ def test_seq_and_epoch_rules(instance: str) -> None:
         reader = ShmReader(instance)
 
         def sent(**fields: Any) -> None:
-            push.send(msgspec.msgpack.encode(LoadSnapshot(dp_rank=1, **fields)))
+            push.send(encode_frame(instance, LoadSnapshot(dp_rank=1, **fields)))
 
         sent(epoch=100, seq=5, num_running_reqs=1)
         sent(epoch=100, seq=3, num_running_reqs=2)  # older within the epoch
@@ -311,7 +362,7 @@ def test_receive_time_replaces_remote_clock(instance: str) -> None:
         push = raw_push(context, collector.endpoint)
         # A remote monotonic clock far behind ours would look hours old if copied through.
         push.send(
-            msgspec.msgpack.encode(LoadSnapshot(dp_rank=0, epoch=1, seq=1, publish_mono_ns=1))
+            encode_frame(instance, LoadSnapshot(dp_rank=0, epoch=1, seq=1, publish_mono_ns=1))
         )
         reader = ShmReader(instance, stale_after_s=2.0)
         assert wait_until(
@@ -392,7 +443,7 @@ def test_segment_mismatch_is_counted_not_fatal(instance: str) -> None:
     try:
         push = raw_push(context, collector.endpoint)
         for seq in range(1, 51):
-            push.send(msgspec.msgpack.encode(LoadSnapshot(dp_rank=1, epoch=1, seq=seq)))
+            push.send(encode_frame(instance, LoadSnapshot(dp_rank=1, epoch=1, seq=seq)))
         assert wait_until(lambda: collector.stats.received == 50), collector.stats_dict()
         assert collector.stats.relay_errors == 50 and collector.stats.relayed == 0
         assert collector.running

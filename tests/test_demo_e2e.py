@@ -70,40 +70,45 @@ class Demo:
         raise AssertionError(f"demo printed no URL: {self.output}")
 
 
+def _start(extra: list[str]) -> Demo:
+    instance = f"e2e-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    cmd = [sys.executable, "-m", "loadsnap", "demo", "--instance", instance, "--port", "0"]
+    cmd += ["--duration", "60", "--no-table", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return Demo(proc, instance)
+
+
+def _stop(demo: Demo) -> None:
+    proc = demo.proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    demo.pump.join(10)  # EOF once the demo exits
+    if proc.stdout is not None:
+        proc.stdout.close()
+    unlink_segment(demo.instance)
+
+
 @pytest.fixture
 def demo() -> Iterator[Demo]:
-    instance = f"e2e-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "loadsnap",
-        "demo",
-        "--instance",
-        instance,
-        "--dp-size",
-        str(DP),
-        "--port",
-        "0",
-        "--duration",
-        "60",
-        "--no-table",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    demo = Demo(proc, instance)
+    started = _start(["--dp-size", str(DP)])
     try:
-        yield demo
+        yield started
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        demo.pump.join(10)  # EOF once the demo exits
-        if proc.stdout is not None:
-            proc.stdout.close()
-        unlink_segment(instance)
+        _stop(started)
+
+
+@pytest.fixture
+def zmq_demo() -> Iterator[Demo]:
+    started = _start(["--dp-size", "2", "--transport", "zmq", "--workload", "tiny"])
+    try:
+        yield started
+    finally:
+        _stop(started)
 
 
 @pytest.fixture
@@ -205,3 +210,56 @@ def test_demo_prometheus_text_passes_promtool(promtool: str, demo: Demo) -> None
             response = client.get(path, params=params)
             assert response.status_code == 200
             _promtool_check(promtool, response.text)
+
+
+COLLECTOR_RE = re.compile(r"collector on (tcp://127\.0\.0\.1:\d+)")
+
+
+def _metric(text: str, name: str) -> dict[str, float]:
+    for family in text_string_to_metric_families(text):
+        if family.name == name:
+            return {",".join(s.labels.values()): s.value for s in family.samples}
+    return {}
+
+
+def test_zmq_demo_metrics_show_collector_drops(zmq_demo: Demo) -> None:
+    import msgspec
+    import zmq
+
+    from loadsnap import LoadSnapshot
+    from loadsnap.frame import encode_frame
+
+    base = zmq_demo.wait_for_url()
+    endpoints = [m.group(1) for line in zmq_demo.output if (m := COLLECTOR_RE.search(line))]
+    assert endpoints, zmq_demo.output
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    client = httpx.Client(base_url=base, timeout=10.0)
+    try:
+        push = context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.setsockopt(zmq.SNDTIMEO, 2000)
+        push.connect(endpoints[0])
+        push.send(encode_frame("someone-else", LoadSnapshot(dp_rank=0, seq=1, epoch=1)))
+        push.send(msgspec.msgpack.encode(LoadSnapshot(dp_rank=1)))  # no envelope
+
+        def shown() -> bool:
+            text = client.get("/metrics").text
+            dropped = _metric(text, "loadsnap_collector_frames_dropped")
+            relayed = _metric(text, "loadsnap_collector_frames_relayed").get("", 0.0)
+            return dropped.get("wrong_instance", 0.0) >= 2 and relayed > 0
+
+        deadline = time.monotonic() + 20.0
+        while time.monotonic() < deadline and not shown():
+            time.sleep(0.1)
+        text = client.get("/metrics").text
+        assert shown(), text
+        push.close(linger=0)  # only now: LINGER 0 discards what is not sent yet
+        assert "# HELP loadsnap_collector_disconnects_total" in text
+        if (promtool := shutil.which("promtool")) is not None:
+            _promtool_check(promtool, text)
+    finally:
+        context.term()
+        client.close()
+    zmq_demo.proc.send_signal(signal.SIGINT)
+    assert zmq_demo.proc.wait(30) == 0
+    assert not os.path.exists(segment_path(zmq_demo.instance))

@@ -1,12 +1,15 @@
-"""Hypothesis over ZMQ frames: the wire decoder and the collector reject bad frames, count them.
+"""Hypothesis over ZMQ frames: the frame decoder and the collector reject bad frames, count them.
 
-Frames are random bytes, msgpack maps with snapshot field names and hostile values, and valid
-snapshots cut short or with bytes flipped. :func:`~loadsnap.wire.decode_snapshot` may only
-return a snapshot or raise :class:`~loadsnap.WireError`; the collector's per-frame handler (what
-its receive loop calls for each frame) never raises, and each frame adds exactly one to
-``relayed`` or to one drop reason. Then the same frames go through a real PUSH socket, and the
-collector still relays a good peer's snapshot afterwards. (``tests/test_atheris_fuzz.py`` fuzzes
-the same handler coverage-guided where atheris installs.)
+Frames (:mod:`loadsnap.frame` envelopes) are random bytes; envelopes whose keys and values are
+hostile (the instance missing, another one, not a string; the snapshot not a map); envelopes
+for the collector's instance around msgpack maps with snapshot field names and hostile values;
+valid frames for this instance or another; bare snapshots without an envelope; and valid frames
+cut short or with bytes flipped. :func:`~loadsnap.frame.decode_frame` may only return or raise
+:class:`~loadsnap.WireError`; the collector's per-frame handler (what its receive loop calls for
+each frame) never raises, and each frame adds exactly one to ``relayed`` or to one drop reason.
+Then the same frames go through a real PUSH socket, and the collector still relays a good peer's
+snapshot afterwards. (``tests/test_atheris_fuzz.py`` fuzzes the same handler coverage-guided
+where atheris installs.)
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from hypothesis import strategies as st
 
 from loadsnap import LoadSnapshot, MemorySection, WireError, unlink_segment
 from loadsnap.collector import DROP_REASONS, Collector, collector_lock_path
-from loadsnap.wire import decode_snapshot, encode_snapshot
+from loadsnap.frame import decode_frame, encode_frame
+from loadsnap.wire import encode_snapshot
 from tests.test_chaos import report, wait_until
 
 DP_SIZE = 2
 CAPACITY = 512
+INSTANCE = f"t-{os.getpid()}-{uuid.uuid4().hex[:8]}-frames"
 MAX_EXAMPLES = int(os.environ.get("LOADSNAP_FUZZ_EXAMPLES", "300"))
 COUNTED = ("relayed", *DROP_REASONS)
 
@@ -56,17 +61,28 @@ _hostile = st.one_of(
     st.lists(st.integers(-(2**63), 2**63), max_size=3),
     st.dictionaries(st.text(max_size=4), st.integers(-(2**63), 2**63), max_size=2),
 )
-_maps = st.dictionaries(
+_snapshot_maps = st.dictionaries(
     st.one_of(st.sampled_from(_FIELDS), st.text(max_size=6)), _hostile, max_size=6
+)
+_maps = _snapshot_maps.map(lambda m: msgspec.msgpack.encode({"instance": INSTANCE, "snapshot": m}))
+_envelopes = st.dictionaries(
+    st.one_of(st.sampled_from(("instance", "snapshot")), st.text(max_size=6)),
+    st.one_of(_hostile, st.just(INSTANCE), _snapshot_maps),
+    max_size=3,
 ).map(msgspec.msgpack.encode)
-_valid = st.builds(
+_snapshots = st.builds(
     LoadSnapshot,
     dp_rank=st.integers(0, 3),
     num_running_reqs=st.integers(0, 100),
     seq=st.integers(0, 2**40),
     epoch=st.integers(0, 2**40),
     memory=st.none() | st.builds(MemorySection, weight_bytes=st.integers(0, 2**40)),
-).map(encode_snapshot)
+)
+_valid = _snapshots.map(lambda snapshot: encode_frame(INSTANCE, snapshot))
+_foreign = st.one_of(
+    st.tuples(st.text(min_size=1, max_size=8), _snapshots).map(lambda a: encode_frame(*a)),
+    _snapshots.map(encode_snapshot),  # a bare snapshot: no envelope, no instance
+)
 
 
 @st.composite
@@ -80,23 +96,24 @@ def _damaged(draw: st.DrawFn) -> bytes:
 
 frames = st.one_of(
     st.binary(max_size=64),
-    st.binary(min_size=CAPACITY + 1, max_size=CAPACITY + 64),
+    st.binary(min_size=CAPACITY + 100, max_size=CAPACITY + 164),
+    _envelopes,
     _maps,
     _valid,
+    _foreign,
     _damaged(),
 )
 
 
 @pytest.fixture(scope="module")
 def collector() -> Iterator[Collector]:
-    instance = f"t-{os.getpid()}-{uuid.uuid4().hex[:8]}-frames"
-    coll = Collector(instance, DP_SIZE, "tcp://127.0.0.1:*", payload_capacity=CAPACITY)
+    coll = Collector(INSTANCE, DP_SIZE, "tcp://127.0.0.1:*", payload_capacity=CAPACITY)
     try:
         yield coll
     finally:
         coll.close()
-        unlink_segment(instance)
-        lock = collector_lock_path(instance)
+        unlink_segment(INSTANCE)
+        lock = collector_lock_path(INSTANCE)
         if os.path.exists(lock):
             os.unlink(lock)
 
@@ -105,10 +122,11 @@ def collector() -> Iterator[Collector]:
 @given(frame=frames)
 def test_decoder_returns_snapshot_or_wire_error(frame: bytes) -> None:
     try:
-        snapshot = decode_snapshot(frame)
+        instance, snapshot = decode_frame(frame)
     except WireError:
         return
     assert isinstance(snapshot, LoadSnapshot)
+    assert instance is None or isinstance(instance, str)
 
 
 @settings(
@@ -142,7 +160,7 @@ def test_collector_keeps_relaying_after_the_fuzzed_frames(collector: Collector) 
         for frame in _frames:
             sock.send(frame)
         good = LoadSnapshot(dp_rank=1, num_running_reqs=42, seq=2**50, epoch=2**50)
-        sock.send(encode_snapshot(good))
+        sock.send(encode_frame(INSTANCE, good))
 
         def relayed() -> bool:
             latest: dict[int, Any] = collector.latest()

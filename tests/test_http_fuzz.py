@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 import urllib.parse
@@ -18,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import msgspec
 import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
@@ -28,6 +28,7 @@ from dp_controller import BudgetConfig, DPBudget, Policy
 from loadsnap import LoadSnapshot, ShmReader, ShmWriter, unlink_segment
 from loadsnap.collector import Collector, collector_lock_path
 from loadsnap.curve import curve_available, generate_keys, load_client_keys, load_server_keys
+from loadsnap.frame import encode_frame
 from loadsnap.server import ServerThread, create_app
 from loadsnap.zmq_writer import ZmqWriter
 from tests.test_chaos import report, wait_until
@@ -181,12 +182,16 @@ def test_spoofed_snapshot_cannot_change_dispatch_with_curve(instance: str, tmp_p
         instance, 2, "tcp://127.0.0.1:*", curve=load_server_keys(tmp_path / "keys")
     )
     client_keys = load_client_keys(keys.server_public, keys.client_secrets[0])
-    legit = [ZmqWriter(collector.endpoint, 2, rank, curve=client_keys) for rank in range(2)]
-    plain = ZmqWriter(collector.endpoint, 2, 1)
+    legit = [
+        ZmqWriter(collector.endpoint, 2, rank, instance=instance, curve=client_keys)
+        for rank in range(2)
+    ]
+    plain = ZmqWriter(collector.endpoint, 2, 1, instance=instance)
     unlisted = ZmqWriter(
         collector.endpoint,
         2,
         1,
+        instance=instance,
         curve=load_client_keys(keys.server_public, stranger.client_secrets[0]),
     )
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -215,8 +220,8 @@ def test_spoofed_snapshot_cannot_change_dispatch_with_curve(instance: str, tmp_p
             for writer in (plain, unlisted):
                 writer.publish(LoadSnapshot(dp_rank=1, num_running_reqs=10_000))
                 spoofs += 1
-            frame = msgspec.msgpack.encode(
-                LoadSnapshot(dp_rank=1, num_running_reqs=10_000, seq=2**40, epoch=2**60)
+            frame = encode_frame(
+                instance, LoadSnapshot(dp_rank=1, num_running_reqs=10_000, seq=2**40, epoch=2**60)
             )
             with contextlib.suppress(zmq.Again):
                 raw.send(frame, zmq.NOBLOCK)
@@ -249,3 +254,91 @@ def test_spoofed_snapshot_cannot_change_dispatch_with_curve(instance: str, tmp_p
         for writer in (*legit, plain, unlisted):
             writer.close()
         collector.close()
+
+
+def picks(instance: str, n: int) -> list[int]:
+    """The ranks a fresh budget picks for ``n`` dispatches in a row (it counts each one)."""
+    with ShmReader(instance) as reader:
+        budget = DPBudget(reader, BudgetConfig(policy=Policy.TOTAL_REQUESTS), dp_size=2)
+        return [budget.dispatch(100).rank for _ in range(n)]
+
+
+@needs_curve
+@pytest.mark.parametrize("bound", [False, True], ids=["any_rank_control", "bound"])
+@pytest.mark.usefixtures("lock_cleanup")
+def test_listed_key_cannot_publish_another_rank(
+    instance: str, tmp_path: Path, bound: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # CURVE authenticates nodes: client-000 is listed, and here it claims rank 1 is swamped.
+    # Bound (ranks_per_client=1: client-000 may publish rank 0 only) the claim is dropped; the
+    # control run with ranks = "*" shows the same spoof steering every dispatch.
+    caplog.set_level(logging.WARNING, logger="loadsnap")
+    dispatches = 10
+    keys = generate_keys(tmp_path / "keys", clients=2, ranks_per_client=1 if bound else None)
+    collector = Collector(
+        instance, 2, "tcp://127.0.0.1:*", curve=load_server_keys(tmp_path / "keys")
+    )
+    key_of = [load_client_keys(keys.server_public, keys.client_secrets[i]) for i in range(2)]
+    legit = [
+        ZmqWriter(collector.endpoint, 2, rank, instance=instance, curve=key_of[rank])
+        for rank in range(2)
+    ]
+    spoofer = ZmqWriter(collector.endpoint, 2, 1, instance=instance, curve=key_of[0])
+    try:
+
+        def legit_publish() -> None:
+            legit[0].publish(LoadSnapshot(dp_rank=0, num_running_reqs=50))
+            legit[1].publish(LoadSnapshot(dp_rank=1, num_running_reqs=1))
+
+        def both_arrived() -> bool:
+            legit_publish()
+            return sorted(collector.latest()) == [0, 1]
+
+        assert wait_until(both_arrived, 10.0), collector.stats_dict()
+        before = picks(instance, dispatches)
+        assert before == [1] * dispatches, before
+        spoofs = 0
+
+        def spoof_settled() -> bool:
+            nonlocal spoofs
+            legit_publish()
+            spoofer.publish(LoadSnapshot(dp_rank=1, num_running_reqs=10_000))
+            spoofs += 1
+            if bound:
+                return collector.stats.rank_not_allowed >= 20
+            return collector.latest()[1].num_running_reqs == 10_000
+
+        assert wait_until(spoof_settled, 10.0), collector.stats_dict()
+        after = picks(instance, dispatches)
+        steered = sum(1 for a, b in zip(before, after, strict=True) if a != b)
+        dropped = collector.stats.rank_not_allowed
+    finally:
+        for writer in (*legit, spoofer):
+            writer.close()
+        collector.close()
+    spoofer_warned = [r.getMessage() for r in caplog.records if "not dp_rank=1" in r.getMessage()]
+    collector_warned = [
+        r.getMessage() for r in caplog.records if "not allowed for CURVE key" in r.getMessage()
+    ]
+    if bound:
+        assert steered == 0 and dropped >= 20, (after, dropped)
+        assert spoofer_warned == [
+            "this CURVE key's certificate binds ranks=0, not dp_rank=1: a collector with the "
+            "same key list drops every frame (rank_not_allowed)"
+        ]
+        assert collector_warned == [
+            "dropped frames from 127.0.0.1: dp_rank=1 not allowed for CURVE key client-000 "
+            "(ranks=0)"
+        ]
+    else:
+        assert steered == dispatches and dropped == 0, after  # the control: the spoof works
+        assert spoofer_warned == [] and collector_warned == []
+    report(
+        f"curve_rank_spoof_{'bound' if bound else 'any_rank'}",
+        {
+            "spoof_frames": spoofs,
+            "rank_not_allowed": dropped,
+            "dispatches": dispatches,
+            "steered": steered,
+        },
+    )

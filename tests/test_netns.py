@@ -121,7 +121,7 @@ def test_writers_in_other_namespaces_reach_collector(
     namespaces: tuple[str, list[str]], instance: str, tmp_path: Path
 ) -> None:
     collector_ns, writer_ns = namespaces
-    keys = generate_keys(tmp_path / "keys", clients=2)
+    keys = generate_keys(tmp_path / "keys", clients=2, ranks_per_client=1)
     collector = subprocess.Popen(
         _collector_cmd(collector_ns, instance, tmp_path / "keys"),
         stdout=subprocess.PIPE,
@@ -135,7 +135,14 @@ def test_writers_in_other_namespaces_reach_collector(
             key_files = (str(keys.server_public), str(keys.client_secrets[rank]))
             writers.append(
                 spawn_writer(
-                    endpoint, 2, rank, "stream", 10, key_files, ("ip", "netns", "exec", ns)
+                    instance,
+                    endpoint,
+                    2,
+                    rank,
+                    "stream",
+                    10,
+                    key_files,
+                    ("ip", "netns", "exec", ns),
                 )
             )
         reader = ShmReader(instance)

@@ -6,11 +6,11 @@ import socket
 import time
 from collections.abc import Iterator
 
-import msgspec
 import pytest
 import zmq
 
-from loadsnap import LoadSnapshot, ShmWriter, UsageError
+from loadsnap import LoadSnapshot, LoraSection, PayloadTooLargeError, ShmWriter, UsageError
+from loadsnap.frame import decode_frame
 from loadsnap.transport import (
     SnapshotWriter,
     Transport,
@@ -21,6 +21,14 @@ from loadsnap.transport import (
 from loadsnap.zmq_writer import ZmqWriter, make_epoch
 
 Context = zmq.Context[zmq.Socket[bytes]]
+INSTANCE = "zmq-writer-test"
+
+
+def decoded(data: bytes) -> LoadSnapshot:
+    """The snapshot in one frame, checking the frame names ``INSTANCE``."""
+    instance, snapshot = decode_frame(data)
+    assert instance == INSTANCE
+    return snapshot
 
 
 def free_endpoint(context: Context) -> str:
@@ -52,12 +60,11 @@ def receive_until(
     sock: zmq.Socket[bytes], writer: ZmqWriter, rank: int, timeout_s: float = 5.0
 ) -> LoadSnapshot | None:
     """Publish every 5 ms until ``sock`` receives one snapshot (bounded); return it."""
-    decoder = msgspec.msgpack.Decoder(LoadSnapshot)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         writer.publish(LoadSnapshot(dp_rank=rank, num_running_reqs=3))
         if sock.poll(5):
-            return decoder.decode(sock.recv())
+            return decoded(sock.recv())
     return None
 
 
@@ -71,12 +78,12 @@ def context() -> Iterator[Context]:
 def test_publish_stamps_identity(context: Context) -> None:
     endpoint = free_endpoint(context)
     sock = pull(context, endpoint)
-    with ZmqWriter(endpoint, 4, 2, context=context) as writer:
+    with ZmqWriter(endpoint, 4, 2, context=context, instance=INSTANCE) as writer:
         first = receive_until(sock, writer, 2)
         assert first is not None
         before = time.monotonic_ns()
         seq = writer.publish(LoadSnapshot(dp_rank=2, num_running_reqs=9))
-        got = msgspec.msgpack.Decoder(LoadSnapshot).decode(sock.recv())
+        got = decoded(sock.recv())
         assert got.seq == seq > first.seq >= 1
         assert got.epoch == first.epoch == writer.epoch > 0
         assert before <= got.publish_mono_ns <= time.monotonic_ns()
@@ -91,9 +98,9 @@ def test_epoch_changes_on_restart() -> None:
     assert make_epoch(pid=100, wall_ns=wall) < make_epoch(pid=100, wall_ns=wall + 1_000_000)
     assert make_epoch(pid=100, wall_ns=wall) != make_epoch(pid=101, wall_ns=wall)
     assert make_epoch(pid=2**22 - 1, wall_ns=wall * 30) < 2**63  # fits a Count for millennia
-    a = ZmqWriter("tcp://127.0.0.1:9", 1, 0)
+    a = ZmqWriter("tcp://127.0.0.1:9", 1, 0, instance=INSTANCE)
     time.sleep(0.002)
-    b = ZmqWriter("tcp://127.0.0.1:9", 1, 0)
+    b = ZmqWriter("tcp://127.0.0.1:9", 1, 0, instance=INSTANCE)
     try:
         assert b.epoch > a.epoch
     finally:
@@ -103,7 +110,7 @@ def test_epoch_changes_on_restart() -> None:
 
 def test_no_collector_never_blocks(context: Context) -> None:
     endpoint = free_endpoint(context)
-    writer = ZmqWriter(endpoint, 1, 0)
+    writer = ZmqWriter(endpoint, 1, 0, instance=INSTANCE)
     slowest = 0
     started = time.perf_counter()
     for i in range(5000):
@@ -122,16 +129,15 @@ def test_no_collector_never_blocks(context: Context) -> None:
 def test_slow_collector_keeps_newest(context: Context) -> None:
     endpoint = free_endpoint(context)
     sock = pull(context, endpoint)
-    with ZmqWriter(endpoint, 1, 0, context=context) as writer:
+    with ZmqWriter(endpoint, 1, 0, context=context, instance=INSTANCE) as writer:
         assert receive_until(sock, writer, 0) is not None
         while sock.poll(50):  # drain the warm-up
             sock.recv()
         for i in range(1, 2001):  # nobody reads meanwhile: conflation keeps the newest
             writer.publish(LoadSnapshot(dp_rank=0, num_running_reqs=i))
-        decoder = msgspec.msgpack.Decoder(LoadSnapshot)
         last = None
         while sock.poll(200):
-            last = decoder.decode(sock.recv())
+            last = decoded(sock.recv())
         assert last is not None and last.num_running_reqs == 2000
     sock.close(linger=0)
 
@@ -139,7 +145,7 @@ def test_slow_collector_keeps_newest(context: Context) -> None:
 def test_reconnects_by_itself(context: Context) -> None:
     endpoint = free_endpoint(context)
     sock = pull(context, endpoint)
-    with ZmqWriter(endpoint, 2, 1, context=context) as writer:
+    with ZmqWriter(endpoint, 2, 1, context=context, instance=INSTANCE) as writer:
         assert receive_until(sock, writer, 1) is not None
         sock.close(linger=0)  # the collector goes away...
         dropped = writer.stats.dropped
@@ -154,15 +160,49 @@ def test_reconnects_by_itself(context: Context) -> None:
         sock.close(linger=0)
 
 
+def test_oversized_frame_refused_before_sending(context: Context) -> None:
+    endpoint = free_endpoint(context)
+    sock = pull(context, endpoint)
+    limit = 1024
+    with ZmqWriter(
+        endpoint, 1, 0, instance=INSTANCE, context=context, max_message_bytes=limit
+    ) as writer:
+        first = receive_until(sock, writer, 0)
+        assert first is not None
+        sent, seq = writer.stats.sent, first.seq
+        while sock.poll(50):  # drain the warm-up
+            seq = decoded(sock.recv()).seq
+        big = LoadSnapshot(dp_rank=0, lora=LoraSection(loaded_adapters=["a" * 100] * 20))
+        with pytest.raises(PayloadTooLargeError, match=f"max_message_bytes={limit}") as info:
+            writer.publish(big)
+        assert "size=" in str(info.value) and f"endpoint={endpoint}" in str(info.value)
+        assert writer.stats.oversized == 1 and writer.stats.sent == sent
+        assert not sock.poll(100)  # nothing went out
+        # The refused frame took no sequence number: the next one follows the last sent.
+        assert writer.publish(LoadSnapshot(dp_rank=0, num_running_reqs=1)) == seq + 1
+        assert sock.poll(2000) and decoded(sock.recv()).seq == seq + 1
+    sock.close(linger=0)
+
+
+def test_instance_is_required_and_checked() -> None:
+    with pytest.raises(UsageError, match="invalid instance name"):
+        ZmqWriter("tcp://127.0.0.1:9", 1, 0, instance="bad/name")
+    writer = ZmqWriter("tcp://127.0.0.1:9", 1, 0, instance="prod-1")
+    try:
+        assert writer.instance == "prod-1" and "instance='prod-1'" in repr(writer)
+    finally:
+        writer.close()
+
+
 def test_publish_rejects_misuse(context: Context) -> None:
     with pytest.raises(UsageError, match="dp_rank out of range"):
-        ZmqWriter("tcp://127.0.0.1:9", 2, 2)
+        ZmqWriter("tcp://127.0.0.1:9", 2, 2, instance=INSTANCE)
     with pytest.raises(UsageError, match="cannot connect"):
-        ZmqWriter("nonsense://x", 2, 0)
-    writer = ZmqWriter("tcp://127.0.0.1:9", 2, 0, context=context)
+        ZmqWriter("nonsense://x", 2, 0, instance=INSTANCE)
+    writer = ZmqWriter("tcp://127.0.0.1:9", 2, 0, context=context, instance=INSTANCE)
     with pytest.raises(UsageError, match="dp_rank mismatch"):
         writer.publish(LoadSnapshot(dp_rank=1))
-    with pytest.raises(UsageError, match="ratio out of range"):
+    with pytest.raises(UsageError, match=r"\$\.token_usage"):
         writer.publish(LoadSnapshot(dp_rank=0, token_usage=float("nan")))
     writer.close()
     with pytest.raises(UsageError, match="closed"):
@@ -197,6 +237,7 @@ def test_make_writer_selection(
     assert resolve_collector() == endpoint
     zmq_writer = make_writer(instance, 2, 1, transport=Transport.ZMQ)
     assert isinstance(zmq_writer, ZmqWriter) and zmq_writer.endpoint == endpoint
+    assert zmq_writer.instance == instance  # frames name the writer's instance
     zmq_writer.close()
     # auto with a collector on another host: ZMQ.
     monkeypatch.setattr("loadsnap.transport.endpoint_is_local", lambda _endpoint: False)

@@ -47,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--curve-dir",
         default=os.environ.get("LOADSNAP_CURVE_DIR") or None,
         help="key directory from `loadsnap keys generate` (default $LOADSNAP_CURVE_DIR); "
-        "turns CURVE on: only clients listed in DIR/clients/*.key get through",
+        "turns CURVE on: only clients listed in DIR/clients/*.key get through, each for the "
+        "ranks its file binds it to",
     )
     parser.add_argument("--shm-dir", default=None, help="segment directory (default /dev/shm)")
     parser.add_argument(
@@ -80,7 +81,11 @@ def run(args: argparse.Namespace) -> int:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    mode = "curve" if collector.curve else "open (no keys)"
+    if curve is not None:
+        unbound = sum(1 for client in curve.clients if client.ranks.ranks is None)
+        mode = f"curve ({len(curve.clients)} client keys, {unbound} may publish any rank)"
+    else:
+        mode = "open (no keys)"
     print(
         f"loadsnap collector: instance={args.instance} dp_size={args.dp_size} "
         f"endpoint={collector.endpoint} auth={mode}",
