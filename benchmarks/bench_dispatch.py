@@ -3,7 +3,7 @@
 Two measurements, one run, every policy side by side:
 
 1. **Decisions per second** at dp 8 and dp 256: ``dispatch()`` in a loop over an in-memory
-   source (``dp_controller.fakes.FakeSource``) with the real monotonic clock and the 20 ms
+   source (``loadsnap.testing.FakeSource``) with the real monotonic clock and the 20 ms
    refresh throttle, so refreshes happen as in production. Policies: round robin, the
    reference design's overwrite budget (``OverwriteBudget``), ``total_requests``,
    ``work_over_throughput``, ``requests_then_work`` (``BudgetConfig``'s default),
@@ -12,7 +12,8 @@ Two measurements, one run, every policy side by side:
    also reports each request's completion 64 dispatches later, as the controller does for
    every result (``DPBudget.complete``; a no-op except for ``length_aware``), so 64 requests
    stay outstanding. Best of ``--rounds`` rounds.
-2. **Bursty trace** (``dp_controller.workload`` preset ``bursty``, seed fixed): ``--dp-size``
+2. **Bursty trace** (``dp_controller.harness.workload`` preset ``bursty``, seed fixed):
+   ``--dp-size``
    reference schedulers (``python -m scheduler``, sim executor with a slow prefill so requests
    queue and snapshots lag) are started for each replay; the controller replays the trace in
    real time, ``--repeats`` times per policy, policies interleaved so that drift in machine
@@ -62,10 +63,10 @@ from dp_controller.budget import CONTROLLER_POLICY, BudgetConfig, DPBudget, Poli
 from dp_controller.cli import make_dispatcher
 from dp_controller.controller import Controller, TraceRun
 from dp_controller.dispatching import Dispatch, Dispatcher
-from dp_controller.fakes import FakeSource
-from dp_controller.fleet import SchedulerFleet
-from dp_controller.workload import generate_trace, preset
+from dp_controller.harness.fleet import SchedulerFleet
+from dp_controller.harness.workload import generate_trace, preset
 from loadsnap.shm_reader import ShmReader
+from loadsnap.testing import FakeSource
 
 REPORT_ORDER: Final[int] = 4
 REPORT_ARGS: Final[list[str]] = []

@@ -4,7 +4,7 @@ Two measurements, one run:
 
 1. **Age at dispatch.** A publisher process stands in for ``--dp-size`` schedulers running
    decode steps of ``--step-ms``: after every step each rank calls its own
-   ``scheduler.publisher.LoadPublisher.on_cycle`` with ``every_n_cycles=N`` (ranks staggered),
+   ``loadsnap.LoadPublisher.on_cycle`` with ``every_n_cycles=N`` (ranks staggered),
    so a rank publishes every N steps through a real ``ShmWriter`` (every rank reports the same
    load, so which rank is chosen does not depend on when it last published). In this process a
    ``DPBudget`` (our dispatcher) reads the segment through a ``ShmReader`` with a refresh
@@ -54,6 +54,7 @@ from benchmarks._common import (
 from benchmarks.baselines.flock_segment import FlockSegment
 from dp_controller.budget import BudgetConfig, DPBudget, Policy
 from loadsnap._segment import unlink_segment
+from loadsnap.publisher import LoadPublisher
 from loadsnap.reading import HotTable
 from loadsnap.schema import LoadSnapshot
 from loadsnap.shm_reader import ShmReader
@@ -62,7 +63,6 @@ from loadsnap.transport import SnapshotWriter
 from scheduler.engine import BatchEngine, EngineConfig
 from scheduler.executors import CostModel, SimExecutor
 from scheduler.messages import Request
-from scheduler.publisher import LoadPublisher
 
 NAME: Final[str] = "bench_freshness"
 QUESTION: Final[str] = (

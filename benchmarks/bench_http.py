@@ -52,7 +52,7 @@ from benchmarks._common import (
     unique_instance,
 )
 from benchmarks.baselines.ask_schedulers import AskSchedulers, create_ask_app
-from dp_controller.fleet import SchedulerFleet
+from dp_controller.harness.fleet import SchedulerFleet
 from loadsnap.server import ServerThread, create_app
 from scheduler.messages import Request, encode_message
 

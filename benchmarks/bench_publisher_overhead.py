@@ -40,10 +40,10 @@ from benchmarks._common import (
 )
 from benchmarks.baselines.flock_segment import FlockSegment
 from loadsnap import LoadSnapshot, ShmWriter, unlink_segment
+from loadsnap.publisher import DEFAULT_EVERY_N_CYCLES, LoadPublisher
 from scheduler.engine import BatchEngine, EngineConfig, StepResult
 from scheduler.executors import CostModel, SimExecutor
 from scheduler.messages import Request
-from scheduler.publisher import DEFAULT_EVERY_N_CYCLES, LoadPublisher
 
 NAME: Final[str] = "bench_publisher_overhead"
 REPORT_ORDER: Final[int] = 7

@@ -1,7 +1,8 @@
 """Rank kill: how fast does traffic leave a scheduler killed mid-run, and what of its requests?
 
 ``--dp-size`` reference schedulers (``python -m scheduler``, the sim executor with the same slow
-prefill as ``bench_dispatch``) serve a seeded Poisson trace (``dp_controller.workload`` preset
+prefill as ``bench_dispatch``) serve a seeded Poisson trace
+(``dp_controller.harness.workload`` preset
 ``poisson`` at ``--rate-rps``) that the controller replays in real time. ``--kill-at-s`` into
 the trace, rank ``--kill-rank`` gets SIGKILL and is reaped (as a supervisor would); nothing is
 restarted. The same trace, the same kill, for each design in turn on fresh schedulers:
@@ -19,9 +20,9 @@ Reported per design, from the controller's side:
   from the kill to the last of them (``-``: none); ``share``: their share of every dispatch
   after the kill (``1/dp`` is what a design that never notices sends);
 - ``dead seen``: seconds from the kill until the budget marked the rank dead
-  (``dp_controller.loss.dead_ranks``; ``-``: the design never does);
+  (``dp_controller.harness.loss.dead_ranks``; ``-``: the design never does);
 - ``held``: requests in flight on the rank at the kill; ``ok``/``failed``/``no result``: how
-  every request ended, audited independently by ``dp_controller.loss.RequestAccount``.
+  every request ended, audited independently by ``dp_controller.harness.loss.RequestAccount``.
   ``no result`` counts the requests dispatched to the killed rank that still had no result
   ``--drain-s`` after the last arrival (what a client of that design waits on until its own
   timeout); ``unfinished`` counts those still being served by live ranks at that point (an
@@ -56,9 +57,9 @@ from dp_controller.budget import CONTROLLER_POLICY, BudgetConfig, DPBudget
 from dp_controller.cli import make_dispatcher
 from dp_controller.controller import Controller
 from dp_controller.dispatching import Dispatcher
-from dp_controller.fleet import SchedulerFleet
-from dp_controller.loss import RequestAccount, dead_ranks
-from dp_controller.workload import TraceRequest, generate_trace, preset
+from dp_controller.harness.fleet import SchedulerFleet
+from dp_controller.harness.loss import RequestAccount, dead_ranks
+from dp_controller.harness.workload import TraceRequest, generate_trace, preset
 from loadsnap.shm_reader import ShmReader
 
 REPORT_ORDER: Final[int] = 4

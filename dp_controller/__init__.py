@@ -19,7 +19,6 @@ from dp_controller.budget import (
 )
 from dp_controller.dispatching import Dispatch, Dispatcher
 from dp_controller.ledger import DispatchLedger, LedgerStats
-from dp_controller.workload import TraceRequest, WorkloadSpec, generate_trace, preset
 
 __all__ = [
     "CONTROLLER_POLICY",
@@ -35,9 +34,5 @@ __all__ = [
     "Policy",
     "RoundRobinBaseline",
     "StalePolicy",
-    "TraceRequest",
-    "WorkloadSpec",
     "check_publish_period",
-    "generate_trace",
-    "preset",
 ]

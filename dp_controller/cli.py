@@ -30,13 +30,22 @@ from dp_controller.budget import (
 )
 from dp_controller.controller import Controller, TraceRun, imbalance
 from dp_controller.dispatching import Dispatcher
-from dp_controller.fleet import SchedulerFleet
-from dp_controller.workload import PRESETS, generate_trace, preset
+from dp_controller.harness.fleet import SchedulerFleet
+from dp_controller.harness.workload import PRESETS, generate_trace, preset
 from loadsnap.errors import LoadsnapError, UsageError
 from loadsnap.reading import DEFAULT_STALE_AFTER_S
 from loadsnap.shm_reader import ShmReader
 
-__all__ = ["POLICIES", "add_arguments", "build_parser", "main", "make_dispatcher", "run", "summary"]
+__all__ = [
+    "POLICIES",
+    "add_arguments",
+    "build_parser",
+    "main",
+    "make_dispatcher",
+    "register",
+    "run",
+    "summary",
+]
 
 POLICIES = (*(p.value for p in Policy), "overwrite")
 
@@ -230,6 +239,20 @@ def run(args: argparse.Namespace) -> int:
         for key, value in report.items():
             print(f"{key:<22} {value}")
     return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``loadsnap controller`` (the ``loadsnap.commands`` entry point)."""
+    parser = subparsers.add_parser(
+        "controller",
+        help="dispatch a seeded workload to DP schedulers with the load budget and report",
+        description=(
+            "DP controller: picks a rank per request from reported load plus unacknowledged "
+            "dispatches, and fans control commands out to every scheduler."
+        ),
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,7 +53,7 @@ import zmq
 
 from dp_controller.budget import DPBudget, RankHealth
 from dp_controller.dispatching import Clock, Dispatch, Dispatcher, monotonic_clock
-from dp_controller.workload import TraceRequest
+from dp_controller.harness.workload import TraceRequest
 from loadsnap.errors import LoadsnapError, TransportError, UsageError
 from loadsnap.reading import HotTable
 from scheduler.messages import (

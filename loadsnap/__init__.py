@@ -22,6 +22,7 @@ from loadsnap.errors import (
     WireError,
 )
 from loadsnap.layout import DEFAULT_PAYLOAD_CAPACITY, SegmentGeometry
+from loadsnap.publisher import LoadPublisher, PublisherStats, PublishReason
 from loadsnap.reading import (
     DEFAULT_STALE_AFTER_S,
     HotTable,
@@ -55,12 +56,15 @@ __all__ = [
     "DisaggregationSection",
     "HotTable",
     "LayoutError",
+    "LoadPublisher",
     "LoadSnapshot",
     "LoadsnapError",
     "LockHeldError",
     "LoraSection",
     "MemorySection",
     "PayloadTooLargeError",
+    "PublishReason",
+    "PublisherStats",
     "QueueSection",
     "ReaderStats",
     "SegmentError",

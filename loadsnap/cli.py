@@ -1,17 +1,27 @@
-"""The ``loadsnap`` command line: discovers subcommands in ``loadsnap.commands``."""
+"""The ``loadsnap`` command line: the library's own commands plus those registered above it.
+
+The library's commands (``top``, ``inspect``, ``serve``, ``collector``, ``keys``) are the
+modules of ``loadsnap.commands``. Packages built on loadsnap add theirs through the
+``loadsnap.commands`` entry-point group (``scheduler``, ``controller`` and ``demo`` come from
+the reference scheduler and DP controller packages), so this package imports nothing built
+above it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import pkgutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import loadsnap.commands
 from loadsnap.errors import LoadsnapError, UsageError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["ENTRY_POINT_GROUP", "build_parser", "main"]
+
+ENTRY_POINT_GROUP = "loadsnap.commands"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,12 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `loadsnap COMMAND --help` for each command. Start with `loadsnap demo`.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for info in sorted(pkgutil.iter_modules(loadsnap.commands.__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"loadsnap.commands.{info.name}")
-        module.register(subparsers)
+    for _, register in sorted(_registrars().items()):
+        register(subparsers)
     return parser
+
+
+Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+
+def _registrars() -> dict[str, Registrar]:
+    """Every command's ``register`` function by command name: built-in, then entry points."""
+    found: dict[str, Registrar] = {}
+    for info in pkgutil.iter_modules(loadsnap.commands.__path__):
+        if not info.name.startswith("_"):
+            found[info.name] = importlib.import_module(f"loadsnap.commands.{info.name}").register
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name not in found:  # a plug-in never replaces a built-in command
+            found[entry.name] = entry.load()
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """The ``torch`` executor: a small randomly initialised transformer that really runs each step.
 
-Imported only through :func:`scheduler.executors.make_executor` (torch is an optional extra).
+Imported only through :func:`scheduler.executor_registry.make_executor` (torch is an optional
+extra).
 The KV pool is one tensor ``[n_layers, 2, max_total_num_tokens, d_model]``; each step writes the
 new tokens' keys and values at the slots the engine allocated and attends over the slots the
 request owns or shares through the prefix cache, so a prefix-cache hit really reuses cached KV.

@@ -17,17 +17,18 @@ from collections.abc import Sequence
 import zmq
 
 from loadsnap.errors import LoadsnapError, UsageError
-from scheduler.engine import EngineConfig
-from scheduler.executors import EXECUTORS, CostModel, TorchConfig
-from scheduler.lifeline import die_with_parent
-from scheduler.process import SchedulerOptions, run_scheduler
-from scheduler.publisher import (
+from loadsnap.publisher import (
     DEFAULT_EVERY_N_CYCLES,
     DEFAULT_HEARTBEAT_INTERVAL_S,
     DEFAULT_IDLE_INTERVAL_S,
 )
+from scheduler.engine import EngineConfig
+from scheduler.executor_registry import EXECUTORS
+from scheduler.executors import CostModel, TorchConfig
+from scheduler.lifeline import die_with_parent
+from scheduler.process import SchedulerOptions, run_scheduler
 
-__all__ = ["add_arguments", "build_parser", "main", "options_from_args", "run"]
+__all__ = ["add_arguments", "build_parser", "main", "options_from_args", "register", "run"]
 
 DESCRIPTION = (
     "Reference continuous-batching scheduler for one DP rank: receives tokenized requests over "
@@ -235,6 +236,17 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C before the handlers were installed
         return 130
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``loadsnap scheduler`` (the ``loadsnap.commands`` entry point)."""
+    parser = subparsers.add_parser(
+        "scheduler",
+        help="run a reference continuous-batching scheduler for one DP rank",
+        description=DESCRIPTION,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,8 @@
 ``overhead + prefill_tokens * prefill_cost + decode_tokens * decode_cost +
 context_tokens * context_cost`` and sleeps for it, so a long chunked prefill blocks the loop
 like a real forward pass would. ``torch`` (``pip install loadsnap[torch]``) really runs a small
-randomly initialised transformer; see ``scheduler._torch_executor``.
+randomly initialised transformer; see ``scheduler._torch_executor``. Choosing one by name is
+``scheduler.executor_registry.make_executor`` (which alone imports the torch module, lazily).
 """
 
 from __future__ import annotations
@@ -18,17 +19,7 @@ from loadsnap.errors import UsageError
 from loadsnap.schema import MemorySection
 from scheduler.engine import StepPlan, StepResult
 
-__all__ = [
-    "EXECUTORS",
-    "CostModel",
-    "Executor",
-    "SimExecutor",
-    "TorchConfig",
-    "make_executor",
-    "require_torch",
-]
-
-EXECUTORS = ("sim", "torch")
+__all__ = ["CostModel", "Executor", "SimExecutor", "TorchConfig"]
 
 
 class Executor(Protocol):
@@ -139,38 +130,3 @@ class TorchConfig:
     n_heads: int = 4
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
-
-
-def require_torch() -> object:
-    """Import torch, or raise an ImportError that names the extra to install."""
-    try:
-        import torch
-    except ImportError:
-        raise ImportError("the torch executor needs torch: pip install loadsnap[torch]") from None
-    return torch
-
-
-def make_executor(
-    name: str,
-    *,
-    kv_capacity: int,
-    cost: CostModel | None = None,
-    torch_config: TorchConfig | None = None,
-) -> Executor:
-    """Build the executor called ``name`` (``sim`` or ``torch``).
-
-    Raises
-    ------
-    UsageError
-        Unknown name.
-    ImportError
-        ``torch`` without torch installed; the message names ``loadsnap[torch]``.
-    """
-    if name == "sim":
-        return SimExecutor(cost, kv_capacity=kv_capacity)
-    if name == "torch":
-        require_torch()
-        from scheduler._torch_executor import TorchExecutor
-
-        return TorchExecutor(torch_config or TorchConfig(), kv_capacity=kv_capacity)
-    raise UsageError(f"unknown executor: executor={name!r}; valid: {', '.join(EXECUTORS)}")

@@ -1,6 +1,7 @@
 """Children that die with their parent: ``PR_SET_PDEATHSIG``, set by the child itself.
 
-Theory of operation. A parent that spawns schedulers (``dp_controller.fleet.SchedulerFleet``)
+Theory of operation. A parent that spawns schedulers
+(``dp_controller.harness.fleet.SchedulerFleet``)
 puts its pid in the child's environment as ``LOADSNAP_PARENT_PID`` (:func:`child_env`). The
 child, first thing in its entry point, calls :func:`die_with_parent`: it asks the kernel to send
 it SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``), *then* checks that

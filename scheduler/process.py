@@ -9,7 +9,7 @@ Main loop, one cycle at a time (single thread):
 2. plan one step, run it on the executor, apply it; finished requests go back to the controller
    as :class:`~scheduler.messages.Finished` over the PUSH socket (never blocking: a full socket
    keeps them in an outbox that is retried every cycle);
-3. tell the :class:`~scheduler.publisher.LoadPublisher` what kind of cycle it was.
+3. tell the :class:`~loadsnap.LoadPublisher` what kind of cycle it was.
 
 SIGTERM and SIGINT set a flag; the loop ends after the current step, publishes a final
 snapshot, closes the writer (the last writer of a segment unlinks it) and the sockets. A
@@ -31,10 +31,18 @@ from typing import Any, Final
 import msgspec
 import zmq
 
+from loadsnap.publisher import (
+    DEFAULT_EVERY_N_CYCLES,
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    DEFAULT_IDLE_INTERVAL_S,
+    LoadPublisher,
+    PublishReason,
+)
 from loadsnap.schema import LoadSnapshot
 from loadsnap.transport import SnapshotWriter, make_writer
 from scheduler.engine import BatchEngine, EngineConfig, StepKind
-from scheduler.executors import CostModel, Executor, TorchConfig, make_executor
+from scheduler.executor_registry import make_executor
+from scheduler.executors import CostModel, Executor, TorchConfig
 from scheduler.messages import (
     Control,
     ControlReply,
@@ -42,13 +50,6 @@ from scheduler.messages import (
     Request,
     decode_to_scheduler,
     encode_message,
-)
-from scheduler.publisher import (
-    DEFAULT_EVERY_N_CYCLES,
-    DEFAULT_HEARTBEAT_INTERVAL_S,
-    DEFAULT_IDLE_INTERVAL_S,
-    LoadPublisher,
-    PublishReason,
 )
 
 __all__ = ["SchedulerOptions", "SchedulerProcess", "run_scheduler"]

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 from dp_controller import BudgetConfig, DPBudget, OverwriteBudget, Policy, StalePolicy
 from dp_controller.baselines import RoundRobinBaseline
-from dp_controller.fakes import FakeClock, FakeSource
-from dp_controller.workload import generate_trace, preset
+from dp_controller.harness.workload import generate_trace, preset
 from loadsnap.errors import UsageError
 from loadsnap.reading import SnapshotSource
+from loadsnap.testing import FakeClock, FakeSource
 
 
 def _make(

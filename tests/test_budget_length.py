@@ -15,9 +15,9 @@ from dp_controller import BudgetConfig, DPBudget, Policy
 from dp_controller.budget import SCALAR_MAX_DP
 from dp_controller.cli import POLICIES, make_dispatcher
 from dp_controller.cli import main as controller_main
-from dp_controller.fakes import FakeClock, FakeSource
 from dp_controller.outstanding import N_LENGTH_CLASSES, Outstanding, length_class
 from loadsnap.errors import UsageError
+from loadsnap.testing import FakeClock, FakeSource
 
 
 def _make(

@@ -30,8 +30,8 @@ import pytest
 
 from dp_controller import BudgetConfig, DPBudget, Policy
 from dp_controller.controller import Controller, FailureReason
-from dp_controller.fleet import SchedulerFleet
-from dp_controller.loss import RequestAccount, dead_ranks
+from dp_controller.harness.fleet import SchedulerFleet
+from dp_controller.harness.loss import RequestAccount, dead_ranks
 from loadsnap import ShmReader, SlotStatus
 from loadsnap.errors import UsageError
 from loadsnap.server import ServerThread, create_app

@@ -18,9 +18,9 @@ import zmq
 
 from dp_controller import BudgetConfig, DPBudget, Policy
 from dp_controller.controller import Controller, FailureReason
-from dp_controller.fakes import FakeClock, FakeSource
 from dp_controller.ledger import DispatchLedger
 from loadsnap.errors import UsageError
+from loadsnap.testing import FakeClock, FakeSource
 from scheduler.messages import Finished, Request, decode_to_scheduler, encode_message
 
 RECV_TIMEOUT_MS = 5000

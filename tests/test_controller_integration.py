@@ -9,7 +9,7 @@ import pytest
 
 from dp_controller import BudgetConfig, DPBudget, Policy
 from dp_controller.controller import Controller, ControlOutcome
-from dp_controller.fleet import SchedulerFleet
+from dp_controller.harness.fleet import SchedulerFleet
 from loadsnap.shm_reader import ShmReader
 
 # Slow prefill: requests stay queued, so a scheduler's snapshots lag the dispatches.

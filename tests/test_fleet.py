@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dp_controller.fleet import (
+from dp_controller.harness.fleet import (
     InstanceRunningError,
     SchedulerFleet,
     claim_instance,
@@ -289,7 +289,7 @@ def test_lock_held_until_the_killed_fleets_last_scheduler_exits(name: str) -> No
     # scheduler's SIGTERM stays pending, so it lives on, and so does the deployment.
     script = (
         "import sys, time\n"
-        "from dp_controller.fleet import SchedulerFleet\n"
+        "from dp_controller.harness.fleet import SchedulerFleet\n"
         "fleet = SchedulerFleet(sys.argv[1], 1)\n"
         "fleet.wait_ready()\n"
         "print(fleet.procs[0].pid, flush=True)\n"

@@ -7,8 +7,8 @@ import logging
 import pytest
 
 from loadsnap import LoadSnapshot, ShmReader, ShmWriter, UsageError
+from loadsnap.publisher import LoadPublisher, PublishReason
 from loadsnap.transport import SnapshotWriter
-from scheduler.publisher import LoadPublisher, PublishReason
 
 
 class FakeClock:
@@ -114,7 +114,7 @@ def test_failures_are_isolated_counted_and_logged_at_a_bounded_rate(
 ) -> None:
     publisher, writer, clock, _ = make(every=1, log_interval_s=10.0)
     writer.fail = True
-    with caplog.at_level(logging.INFO, logger="scheduler.publisher"):
+    with caplog.at_level(logging.INFO, logger="loadsnap.publisher"):
         for _ in range(1000):  # 1000 failing publishes over 15.6 s (steps exact in binary)
             clock.now += 1 / 64
             assert publisher.on_cycle() is False

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from loadsnap import LoadSnapshot, UsageError
 from scheduler.engine import BatchEngine, EngineConfig, StepKind, StepResult
-from scheduler.executors import CostModel, SimExecutor, make_executor
+from scheduler.executor_registry import make_executor
+from scheduler.executors import CostModel, SimExecutor
 from scheduler.kv import KVPool, PrefixCache, block_keys
 from scheduler.messages import Finished, Request
 

@@ -31,7 +31,7 @@ import pytest
 
 from dp_controller import BudgetConfig, DPBudget, Policy
 from dp_controller.controller import Controller
-from dp_controller.loss import RequestAccount
+from dp_controller.harness.loss import RequestAccount
 from loadsnap import ShmReader, SlotStatus, segment_path
 from loadsnap.server import ServerThread, create_app
 from tests.test_chaos import report, wait_until

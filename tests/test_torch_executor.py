@@ -7,7 +7,8 @@ import pytest
 pytest.importorskip("torch", reason="torch not installed: pip install loadsnap[torch]")
 
 from scheduler.engine import BatchEngine, EngineConfig, StepKind
-from scheduler.executors import Executor, TorchConfig, make_executor
+from scheduler.executor_registry import make_executor
+from scheduler.executors import Executor, TorchConfig
 from scheduler.messages import Finished, Request
 
 CONFIG = TorchConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, device="cpu", seed=1)

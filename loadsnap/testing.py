@@ -1,4 +1,7 @@
-"""``FakeSource``: an in-memory :class:`~loadsnap.SnapshotSource` for tests and benchmarks.
+"""Public test doubles: an in-memory :class:`~loadsnap.SnapshotSource` and a settable clock.
+
+For tests and benchmarks of code that reads loads (a dispatcher, an exporter) without shared
+memory or processes, as ``trio.testing`` offers trio's fakes.
 
 Each :meth:`FakeSource.publish` stamps a rank's record like a writer would (sequence +1, the
 fake clock's time); :meth:`FakeSource.hot_table` builds the numpy table the budget reads.
@@ -7,15 +10,19 @@ fake clock's time); :meth:`FakeSource.hot_table` builds the numpy table the budg
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 
 import numpy as np
 
-from dp_controller.dispatching import Clock, monotonic_clock
 from loadsnap.layout import HOT_FIELDS
 from loadsnap.reading import DEFAULT_STALE_AFTER_S, HotTable, SlotRead, SlotStatus
 from loadsnap.schema import LoadSnapshot
 
-__all__ = ["FakeClock", "FakeSource"]
+__all__ = ["Clock", "FakeClock", "FakeSource"]
+
+Clock = Callable[[], int]
+"""A monotonic clock in nanoseconds (``time.monotonic_ns`` or a :class:`FakeClock`)."""
 
 
 class FakeClock:
@@ -48,7 +55,7 @@ class FakeSource:
     def __init__(
         self,
         dp_size: int,
-        clock: Clock = monotonic_clock,
+        clock: Clock = time.monotonic_ns,
         stale_after_s: float = DEFAULT_STALE_AFTER_S,
     ) -> None:
         self._n = dp_size

@@ -7,7 +7,8 @@ the end of ``--duration`` stops everything: controller, server, schedulers, the 
 the ipc sockets' directory.
 
 One deployment per instance: the demo takes the instance's deployment lock before starting
-anything (``dp_controller.fleet.claim_instance``), so a second demo or ``controller --spawn``
+anything (``dp_controller.harness.fleet.claim_instance``), so a second demo or
+``controller --spawn``
 of a running instance exits 1 with one line. A demo killed with SIGKILL takes its schedulers
 with it (they get SIGTERM), and the next start of the instance reclaims what it left.
 """
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from dp_controller.controller import Controller
-    from dp_controller.fleet import SchedulerFleet
+    from dp_controller.harness.fleet import SchedulerFleet
     from loadsnap.collector import Collector
     from loadsnap.server import ServerThread
     from scheduler.messages import Finished
@@ -99,7 +100,7 @@ class _Workload:
         self.thread = threading.Thread(target=self._run, name="loadsnap-demo-workload")
 
     def _run(self) -> None:
-        from dp_controller.workload import generate_trace, preset
+        from dp_controller.harness.workload import generate_trace, preset
 
         try:
             start = time.monotonic()
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     from dp_controller.budget import CONTROLLER_POLICY
     from dp_controller.cli import make_dispatcher
     from dp_controller.controller import Controller
-    from dp_controller.fleet import SchedulerFleet, claim_instance
+    from dp_controller.harness.fleet import SchedulerFleet, claim_instance
     from loadsnap._lockfile import LockFile
     from loadsnap.collector import Collector
     from loadsnap.errors import LoadsnapError
