@@ -248,7 +248,7 @@ def measure_age(curve_dir: Path | None, samples: int, period_ms: float) -> dict[
         port = probe.getsockname()[1]
     endpoint = f"tcp://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "loadsnap", "collector", "--instance", instance]
-    argv += ["--dp-size", "1", "--bind", endpoint, "--stats-interval", "0", "--duration", "120"]
+    argv += ["--dp-size", "1", "--bind", endpoint, "--stats-interval-s", "0", "--duration-s", "120"]
     if curve_dir is not None:
         argv += ["--curve-dir", str(curve_dir)]
     collector = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -32,13 +31,16 @@ from dp_controller.controller import Controller, TraceRun, imbalance
 from dp_controller.dispatching import Dispatcher
 from dp_controller.harness.fleet import SchedulerFleet
 from dp_controller.harness.workload import PRESETS, generate_trace, preset
+from loadsnap import flags
 from loadsnap.errors import LoadsnapError, UsageError
-from loadsnap.reading import DEFAULT_STALE_AFTER_S
 from loadsnap.shm_reader import ShmReader
 
 __all__ = [
     "POLICIES",
     "add_arguments",
+    "add_policy_arguments",
+    "add_workload_arguments",
+    "budget_config",
     "build_parser",
     "main",
     "make_dispatcher",
@@ -52,8 +54,8 @@ POLICIES = (*(p.value for p in Policy), "overwrite")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every controller flag to ``parser`` (shared by both entry points)."""
-    parser.add_argument("--instance", default=f"dpc-{os.getpid()}", help="instance name")
-    parser.add_argument("--dp-size", type=int, default=4, help="number of DP ranks")
+    flags.add_instance(parser)
+    flags.add_dp_size(parser, default=4, spawns=True)
     parser.add_argument(
         "--spawn",
         action="store_true",
@@ -73,6 +75,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="extra flag for spawned schedulers (repeatable, e.g. --scheduler-arg=--executor=sim)",
     )
+    add_policy_arguments(parser)
+    add_workload_arguments(parser, default="bursty")
+    parser.add_argument(
+        "--drain-timeout-s",
+        type=flags.positive_number,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for outstanding requests after the trace (default 30)",
+    )
+    ctl = parser.add_argument_group("control fan-out")
+    ctl.add_argument("--control", default=None, help="send this command (ping, flush_cache...)")
+    ctl.add_argument(
+        "--control-timeout-s", type=flags.positive_number, default=1.0, metavar="SECONDS"
+    )
+    ctl.add_argument("--control-concurrency", type=flags.positive_count, default=16)
+    flags.add_json(parser)
+    flags.add_log_level(parser)
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The dispatch policy and its tunables (``controller`` and ``demo``)."""
+    defaults = BudgetConfig()
     pol = parser.add_argument_group("dispatch policy")
     pol.add_argument(
         "--policy",
@@ -82,42 +106,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "routing on prompt length and max_new_tokens; overwrite: the reference design) "
         "(default %(default)s)",
     )
-    pol.add_argument("--refresh-interval-ms", type=float, default=20.0)
+    pol.add_argument(
+        "--refresh-interval-ms",
+        type=flags.positive_number,
+        default=defaults.refresh_interval_s * 1e3,
+        help="read the loads at most this often (default %(default)s)",
+    )
     pol.add_argument("--stale-policy", choices=[s.value for s in StalePolicy], default="saturated")
-    pol.add_argument("--stale-after-s", type=float, default=DEFAULT_STALE_AFTER_S)
-    pol.add_argument("--kv-weight", type=float, default=BudgetConfig().kv_weight)
+    flags.add_stale_after(pol)
+    pol.add_argument("--kv-weight", type=flags.non_negative_number, default=defaults.kv_weight)
     pol.add_argument(
         "--request-slack",
-        type=int,
-        default=BudgetConfig().request_slack,
+        type=flags.count,
+        default=defaults.request_slack,
         help="requests_then_work, power_of_two, length_aware: eligible ranks are within this "
         "many requests of the fewest (default %(default)s)",
     )
     pol.add_argument(
         "--class-weight",
-        type=float,
-        default=BudgetConfig().class_weight,
+        type=flags.non_negative_number,
+        default=defaults.class_weight,
         help="length_aware: weight of the rank's outstanding requests of the same output-length "
         "class (default %(default)s)",
     )
     pol.add_argument(
         "--count-weight",
-        type=float,
-        default=BudgetConfig().count_weight,
+        type=flags.non_negative_number,
+        default=defaults.count_weight,
         help="length_aware: weight of the rank's outstanding requests (default %(default)s)",
     )
+
+
+def add_workload_arguments(
+    parser: argparse.ArgumentParser, *, default: str, duration: bool = True
+) -> None:
+    """The seeded workload (``controller`` and ``demo``); ``duration``: the trace's length
+    (``--duration-s``; the demo's own ``--duration-s`` is how long it runs)."""
     wl = parser.add_argument_group("workload")
-    wl.add_argument("--workload", choices=sorted(PRESETS), default="bursty")
-    wl.add_argument("--seed", type=int, default=0)
-    wl.add_argument("--duration-s", type=float, default=None, help="override the preset's")
-    wl.add_argument("--rate-rps", type=float, default=None, help="override the preset's")
-    wl.add_argument("--drain-timeout-s", type=float, default=30.0)
-    ctl = parser.add_argument_group("control fan-out")
-    ctl.add_argument("--control", default=None, help="send this command (ping, flush_cache...)")
-    ctl.add_argument("--control-timeout-s", type=float, default=1.0)
-    ctl.add_argument("--control-concurrency", type=int, default=16)
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    parser.add_argument("--log-level", default="WARNING")
+    wl.add_argument(
+        "--workload",
+        choices=sorted(PRESETS),
+        default=default,
+        help=f"trace preset (default {default})",
+    )
+    wl.add_argument("--seed", type=flags.count, default=0, help="workload seed (default 0)")
+    wl.add_argument(
+        "--rate-rps", type=flags.positive_number, default=None, help="override the preset's rate"
+    )
+    if duration:
+        flags.add_duration(wl, default=None, help="override the preset's duration")
+
+
+def budget_config(args: argparse.Namespace) -> BudgetConfig:
+    """The :class:`BudgetConfig` of parsed :func:`add_policy_arguments` flags."""
+    return BudgetConfig(
+        refresh_interval_s=args.refresh_interval_ms / 1e3,
+        stale_policy=StalePolicy(args.stale_policy),
+        stale_after_s=args.stale_after_s,
+        kv_weight=args.kv_weight,
+        request_slack=args.request_slack,
+        class_weight=args.class_weight,
+        count_weight=args.count_weight,
+    )
 
 
 def make_dispatcher(
@@ -183,18 +233,10 @@ def _request_addrs(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the controller from parsed flags; exit status 2 on bad options or setup failure."""
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(message)s")
     fleet: SchedulerFleet | None = None
     try:
-        config = BudgetConfig(
-            refresh_interval_s=args.refresh_interval_ms / 1e3,
-            stale_policy=StalePolicy(args.stale_policy),
-            stale_after_s=args.stale_after_s,
-            kv_weight=args.kv_weight,
-            request_slack=args.request_slack,
-            class_weight=args.class_weight,
-            count_weight=args.count_weight,
-        )
+        config = budget_config(args)
         overrides = {
             k: v for k, v in (("seed", args.seed), ("duration_s", args.duration_s)) if v is not None
         }
@@ -257,7 +299,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def build_parser() -> argparse.ArgumentParser:
     """Parser of ``python -m dp_controller``."""
-    parser = argparse.ArgumentParser(
+    parser = flags.OneLineParser(
         prog="python -m dp_controller",
         description="DP controller: dispatch a seeded workload to DP schedulers and report.",
     )
@@ -267,4 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m dp_controller``; returns the exit status."""
-    return run(build_parser().parse_args(argv))
+    try:
+        parser = build_parser()
+    except LoadsnapError as exc:  # a bad LOADSNAP_* variable, read for a default
+        print(f"dp_controller: {exc}", file=sys.stderr)
+        return 2
+    return run(parser.parse_args(argv))

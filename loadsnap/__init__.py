@@ -7,7 +7,8 @@ Wire layer: :class:`LoadSnapshot` and its sections. Transport layer: :class:`Shm
 
 from __future__ import annotations
 
-from loadsnap._segment import segment_path, unlink_segment
+from loadsnap._location import segment_path
+from loadsnap._segment import unlink_segment
 from loadsnap.errors import (
     LayoutError,
     LoadsnapError,

@@ -1,4 +1,4 @@
-"""The segment file: location, race-free creation, safe attach, validation, reclaim, unlink.
+"""The segment file: race-free creation, safe attach, validation, reclaim, unlink.
 
 Transport layer: owns file descriptors and mappings; knows nothing of snapshots.
 
@@ -19,18 +19,14 @@ import contextlib
 import errno
 import mmap
 import os
-import re
 import secrets
 import stat
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 from loadsnap import _liveness
-from loadsnap._lockfile import LockFile
+from loadsnap._location import SEGMENT_PREFIX, SegmentLocation, instance_lock
 from loadsnap.errors import (
     LayoutError,
     SegmentError,
@@ -53,130 +49,17 @@ from loadsnap.layout import (
 )
 
 __all__ = [
-    "LOCK_TIMEOUT_S",
     "MappedSegment",
     "SegmentHeader",
-    "SegmentLocation",
     "any_writer_attached",
-    "check_shm_dir",
     "create_or_attach",
-    "instance_lock",
     "open_readonly",
     "read_header",
     "remove_segment_file",
-    "segment_path",
     "unlink_segment",
-    "validate_instance",
 ]
 
-LOCK_TIMEOUT_S: Final[float] = 10.0
-_INSTANCE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_PREFIX: Final[str] = "loadsnap-"
-_MACOS_NAME_MAX: Final[int] = 30
-_DEFAULT_SHM_DIR: Final[str] = "/dev/shm"
-# Linux's shm_open is open() under /dev/shm, which we do ourselves to add O_NONBLOCK; elsewhere
-# (macOS) shm objects live outside the file system and go through posix_ipc.
-_SHM_IS_FILES: Final[bool] = sys.platform.startswith("linux")
 _OPEN_FLAGS: Final[int] = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-
-
-def validate_instance(instance: str) -> str:
-    """Return ``instance`` if it is a valid instance name, else raise UsageError."""
-    if not isinstance(instance, str) or not _INSTANCE_RE.match(instance):
-        raise UsageError(
-            f"invalid instance name: instance={instance!r}; use 1-64 characters of "
-            "A-Z a-z 0-9 _ . - starting with a letter or digit"
-        )
-    if sys.platform == "darwin" and len(_PREFIX) + 1 + len(instance) > _MACOS_NAME_MAX:
-        raise UsageError(f"instance name too long for macOS shm: instance={instance!r}")
-    return instance
-
-
-@dataclass(frozen=True)
-class SegmentLocation:
-    """Where one instance's segment and lock file live. Immutable; validated on creation.
-
-    ``shm_dir`` None means ``$LOADSNAP_SHM_DIR`` or, without it, ``/dev/shm`` (``shm_open``).
-    A given directory must exist: it is never created, so a misspelled one fails here instead
-    of splitting writers and readers between two places.
-    """
-
-    instance: str
-    shm_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        validate_instance(self.instance)
-        directory = self.shm_dir
-        if directory is None:
-            directory = os.environ.get("LOADSNAP_SHM_DIR") or None
-            object.__setattr__(self, "shm_dir", directory)
-        if directory is not None:
-            check_shm_dir(directory)
-
-    @property
-    def directory(self) -> str:
-        """The directory holding the segment file (``/dev/shm`` by default)."""
-        return self.shm_dir or _DEFAULT_SHM_DIR
-
-    @property
-    def path(self) -> str:
-        """The segment file's path (for diagnostics and cleanup)."""
-        return str(Path(self.directory) / f"{_PREFIX}{self.instance}")
-
-    @property
-    def lock_path(self) -> str:
-        """The instance lock file's path (beside the segment; /tmp where shm is not files)."""
-        directory = self.shm_dir
-        if directory is None:
-            directory = _DEFAULT_SHM_DIR if os.path.isdir(_DEFAULT_SHM_DIR) else "/tmp"
-        return str(Path(directory) / f"{_PREFIX}{self.instance}.lock")
-
-    @property
-    def _via_shm_open(self) -> bool:
-        return self.shm_dir is None and not _SHM_IS_FILES
-
-
-def check_shm_dir(directory: str) -> None:
-    """Refuse a segment directory that does not exist or is not a directory (UsageError)."""
-    try:
-        st = os.stat(directory)
-    except FileNotFoundError:
-        raise UsageError(
-            f"shm directory does not exist: shm_dir={directory}; create a memory-backed "
-            "directory or fix --shm-dir / LOADSNAP_SHM_DIR"
-        ) from None
-    except OSError as exc:
-        raise UsageError(f"shm directory unusable: {exc.strerror} (shm_dir={directory})") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(
-            f"shm directory is not a directory: shm_dir={directory}; fix --shm-dir / "
-            "LOADSNAP_SHM_DIR"
-        )
-
-
-def segment_path(instance: str, shm_dir: str | None = None) -> str:
-    """Where the segment of ``instance`` lives (for diagnostics and cleanup)."""
-    return SegmentLocation(instance, shm_dir).path
-
-
-@contextlib.contextmanager
-def instance_lock(location: SegmentLocation) -> Iterator[None]:
-    """Hold the instance lock; on release, remove its file when no segment remains.
-
-    Raises
-    ------
-    SegmentError
-        The lock file cannot be used (the message says why) or another process held the
-        lock for ``LOCK_TIMEOUT_S``.
-    """
-    lock = LockFile(location.lock_path, "instance lock")
-    lock.acquire(LOCK_TIMEOUT_S)
-    try:
-        yield
-    finally:
-        # Removing it while held is safe (LockFile re-checks the inode), so an instance that
-        # ends, or whose creation was refused, leaves nothing behind.
-        lock.release(remove=_SHM_IS_FILES and not os.path.lexists(location.path))
 
 
 @dataclass(frozen=True)
@@ -289,7 +172,7 @@ def _open_fd(location: SegmentLocation, *, create: bool, writable: bool) -> int:
     Raises FileNotFoundError (missing), FileExistsError (``create`` and it exists) or
     SegmentError (anything else, explained).
     """
-    if location._via_shm_open:
+    if location.via_shm_open:
         return _open_posix_ipc(location, create=create, writable=writable)
     flags = (os.O_RDWR if writable else os.O_RDONLY) | _OPEN_FLAGS
     if create:
@@ -309,7 +192,7 @@ def _open_posix_ipc(location: SegmentLocation, *, create: bool, writable: bool) 
     try:
         # size=0: posix_ipc truncates to `size` even when attaching.
         memory = posix_ipc.SharedMemory(
-            f"/{_PREFIX}{location.instance}",
+            f"/{SEGMENT_PREFIX}{location.instance}",
             flags=flags,
             mode=0o600,
             size=0,
@@ -550,11 +433,11 @@ def create_or_attach(
 def remove_segment_file(location: SegmentLocation) -> None:
     """Unlink the segment file (callers hold the instance lock and know it is dead or ours)."""
     with contextlib.suppress(FileNotFoundError):
-        if location._via_shm_open:
+        if location.via_shm_open:
             import posix_ipc
 
             try:
-                posix_ipc.unlink_shared_memory(f"/{_PREFIX}{location.instance}")
+                posix_ipc.unlink_shared_memory(f"/{SEGMENT_PREFIX}{location.instance}")
             except posix_ipc.ExistentialError:
                 raise FileNotFoundError(location.path) from None
         else:

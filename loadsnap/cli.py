@@ -15,9 +15,12 @@ import importlib.metadata
 import pkgutil
 import sys
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import loadsnap.commands
+from loadsnap import __version__
 from loadsnap.errors import LoadsnapError, UsageError
+from loadsnap.flags import OneLineParser, exit_quietly_on_broken_pipe
 
 __all__ = ["ENTRY_POINT_GROUP", "build_parser", "main"]
 
@@ -26,7 +29,7 @@ ENTRY_POINT_GROUP = "loadsnap.commands"
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every discovered subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="loadsnap",
         description=(
             "Lock-free load telemetry for LLM-serving schedulers: publish each DP rank's load "
@@ -34,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Run `loadsnap COMMAND --help` for each command. Start with `loadsnap demo`.",
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--version", action="version", version=f"loadsnap {__version__}")
+    # Sub-parsers are OneLineParsers too (argparse makes them of the parent's class).
+    subparsers = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", metavar="COMMAND", required=True),
+    )
     for _, register in sorted(_registrars().items()):
         register(subparsers)
     return parser
@@ -57,12 +65,21 @@ def _registrars() -> dict[str, Registrar]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``loadsnap`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except UsageError as exc:  # e.g. a bad LOADSNAP_* variable read for a default
+        print(f"loadsnap: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         status: int = args.func(args)
+        sys.stdout.flush()
     except LoadsnapError as exc:  # one line, no traceback: the message names what and where
         print(f"loadsnap {args.command}: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
+    except BrokenPipeError:  # the reader of our output went away (| head): not an error
+        exit_quietly_on_broken_pipe()
+        return 0
     return status
 
 

@@ -57,8 +57,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from loadsnap._handshake import FAILED_EVENTS, WarnLimiter, describe_failure
+from loadsnap._location import segment_path
 from loadsnap._lockfile import LockFile
-from loadsnap._segment import segment_path, validate_instance
 from loadsnap._zap import ZAP_ENDPOINT, decide
 from loadsnap.collector_stats import (
     DROP_REASONS,
@@ -71,6 +71,7 @@ from loadsnap.errors import LoadsnapError, LockHeldError, TransportError, UsageE
 from loadsnap.frame import DEFAULT_MAX_MESSAGE_BYTES, FrameDecoder, frame_overhead_bytes
 from loadsnap.layout import DEFAULT_PAYLOAD_CAPACITY, SegmentGeometry
 from loadsnap.schema import LoadSnapshot
+from loadsnap.settings import validate_instance
 from loadsnap.shm_writer import ShmWriter
 
 __all__ = [

@@ -48,7 +48,7 @@ from typing import Final
 
 import msgspec
 
-from loadsnap._segment import segment_path
+from loadsnap._location import segment_path
 from loadsnap.errors import LayoutError, TransportError
 
 __all__ = [

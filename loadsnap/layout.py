@@ -120,6 +120,7 @@ __all__ = [
     "LAYOUT_MAJOR",
     "LAYOUT_MINOR",
     "MAGIC",
+    "MAX_DP_SIZE",
     "READY_VALUE",
     "RECORD_HEADER_SIZE",
     "SLOT_ALIGN",

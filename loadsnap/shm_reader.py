@@ -15,7 +15,8 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from loadsnap._segment import MappedSegment, SegmentLocation, open_readonly
+from loadsnap._location import SegmentLocation
+from loadsnap._segment import MappedSegment, open_readonly
 from loadsnap._seqlock import ReadOutcome, read_record
 from loadsnap.errors import (
     LayoutError,

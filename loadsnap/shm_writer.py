@@ -12,13 +12,8 @@ import msgspec
 from zlib_ng.zlib_ng import crc32
 
 from loadsnap import _liveness
-from loadsnap._segment import (
-    SegmentLocation,
-    any_writer_attached,
-    create_or_attach,
-    instance_lock,
-    remove_segment_file,
-)
+from loadsnap._location import SegmentLocation, instance_lock
+from loadsnap._segment import any_writer_attached, create_or_attach, remove_segment_file
 from loadsnap.errors import PayloadTooLargeError, SegmentError, UsageError
 from loadsnap.layout import (
     CTRL_EPOCH_OFFSET,

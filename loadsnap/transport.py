@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import os
 import socket
 from typing import Protocol, runtime_checkable
 
+from loadsnap import settings
 from loadsnap.curve import CurveClientKeys, load_client_keys
 from loadsnap.errors import UsageError
 from loadsnap.schema import LoadSnapshot
@@ -71,7 +71,7 @@ def resolve_transport(transport: str | Transport | None = None) -> Transport:
     UsageError
         An unknown name; the message lists the valid ones.
     """
-    raw = transport if transport is not None else os.environ.get("LOADSNAP_TRANSPORT", "auto")
+    raw = transport if transport is not None else settings.current().transport
     if isinstance(raw, Transport):
         return raw
     try:
@@ -83,8 +83,9 @@ def resolve_transport(transport: str | Transport | None = None) -> Transport:
 
 def resolve_collector(collector: str | None = None) -> str | None:
     """The collector endpoint from the argument, else ``$LOADSNAP_COLLECTOR``, else None."""
-    value = collector if collector is not None else os.environ.get("LOADSNAP_COLLECTOR", "")
-    return value.strip() or None
+    if collector is None:
+        return settings.current().collector
+    return collector.strip() or None
 
 
 def endpoint_is_local(endpoint: str) -> bool:
@@ -117,8 +118,9 @@ def endpoint_is_local(endpoint: str) -> bool:
 
 
 def _curve_from_env(server_key: str | None, client_key: str | None) -> CurveClientKeys | None:
-    server = server_key or os.environ.get("LOADSNAP_CURVE_SERVER_KEY") or None
-    client = client_key or os.environ.get("LOADSNAP_CURVE_CLIENT_KEY") or None
+    env = settings.current()
+    server = server_key or env.curve_server_key
+    client = client_key or env.curve_client_key
     if server is None and client is None:
         return None
     if server is None or client is None:

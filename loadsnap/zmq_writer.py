@@ -37,11 +37,11 @@ import msgspec
 import zmq
 
 from loadsnap._handshake import HandshakeWatch
-from loadsnap._segment import validate_instance
 from loadsnap.curve import CurveClientKeys
 from loadsnap.errors import PayloadTooLargeError, TransportError, UsageError
 from loadsnap.frame import DEFAULT_MAX_MESSAGE_BYTES, FrameEncoder
 from loadsnap.schema import LoadSnapshot, validate_snapshot
+from loadsnap.settings import validate_instance
 from loadsnap.wire import check_publishable
 
 __all__ = [

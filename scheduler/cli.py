@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import zmq
 
+from loadsnap import flags
 from loadsnap.errors import LoadsnapError, UsageError
 from loadsnap.publisher import (
     DEFAULT_EVERY_N_CYCLES,
@@ -41,9 +42,9 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every scheduler flag to ``parser`` (shared by both entry points)."""
     ident = parser.add_argument_group("identity and sockets")
-    ident.add_argument("--instance", required=True, help="deployment instance name")
-    ident.add_argument("--dp-size", type=int, required=True, help="number of DP ranks")
-    ident.add_argument("--dp-rank", type=int, required=True, help="this scheduler's rank")
+    flags.add_instance(ident)
+    flags.add_dp_size(ident)
+    ident.add_argument("--dp-rank", type=flags.count, required=True, help="this scheduler's rank")
     ident.add_argument(
         "--request-addr", required=True, help="ZMQ endpoint to bind the PULL socket for requests"
     )
@@ -55,34 +56,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     eng = parser.add_argument_group("batching (sglang names)")
     defaults = EngineConfig()
-    eng.add_argument("--max-running-requests", type=int, default=defaults.max_running_requests)
+    eng.add_argument(
+        "--max-running-requests", type=flags.positive_count, default=defaults.max_running_requests
+    )
     eng.add_argument(
         "--max-total-num-tokens",
-        type=int,
+        type=flags.positive_count,
         default=defaults.max_total_num_tokens,
         help="KV-cache token pool size (default %(default)s)",
     )
     eng.add_argument(
         "--chunked-prefill-size",
-        type=int,
+        type=flags.positive_count,
         default=defaults.chunked_prefill_size,
         help="prompt tokens per prefill step (default %(default)s)",
     )
     eng.add_argument(
         "--prefix-block-size",
-        type=int,
+        type=flags.positive_count,
         default=defaults.prefix_block_size,
         help="tokens per prefix-cache block (default %(default)s)",
     )
     eng.add_argument(
         "--decode-reserve-ratio",
-        type=float,
+        type=flags.ratio,
         default=defaults.decode_reserve_ratio,
         help="fraction of running requests' remaining new tokens kept free at admission",
     )
     eng.add_argument(
         "--window-s",
-        type=float,
+        type=flags.positive_number,
         default=defaults.window_s,
         help="averaging window of gen_throughput and utilization (default %(default)s)",
     )
@@ -92,56 +95,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     exe.add_argument("--executor", choices=EXECUTORS, default="sim", help="default %(default)s")
     exe.add_argument(
         "--step-overhead-ms",
-        type=float,
+        type=flags.non_negative_number,
         default=cost.overhead_s * 1e3,
         help="sim: fixed cost of every step (default %(default)s)",
     )
     exe.add_argument(
         "--prefill-token-ms",
-        type=float,
+        type=flags.non_negative_number,
         default=cost.prefill_token_s * 1e3,
         help="sim: cost per prefill token; 1.0 with 512-token chunks blocks ~0.5 s per chunk",
     )
     exe.add_argument(
         "--decode-token-ms",
-        type=float,
+        type=flags.non_negative_number,
         default=cost.decode_token_s * 1e3,
         help="sim: cost per decoded token (per running request) (default %(default)s)",
     )
     exe.add_argument(
         "--context-token-ms",
-        type=float,
+        type=flags.non_negative_number,
         default=cost.context_token_s * 1e3,
         help="sim: cost per attended KV token (default %(default)s)",
     )
     model = TorchConfig()
     exe.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default=model.device)
-    exe.add_argument("--torch-d-model", type=int, default=model.d_model)
-    exe.add_argument("--torch-layers", type=int, default=model.n_layers)
-    exe.add_argument("--torch-heads", type=int, default=model.n_heads)
-    exe.add_argument("--torch-vocab", type=int, default=model.vocab_size)
+    exe.add_argument("--torch-d-model", type=flags.positive_count, default=model.d_model)
+    exe.add_argument("--torch-layers", type=flags.positive_count, default=model.n_layers)
+    exe.add_argument("--torch-heads", type=flags.positive_count, default=model.n_heads)
+    exe.add_argument("--torch-vocab", type=flags.positive_count, default=model.vocab_size)
 
     pub = parser.add_argument_group("load publishing")
     pub.add_argument(
         "--publish-every",
-        type=int,
+        type=flags.positive_count,
         default=DEFAULT_EVERY_N_CYCLES,
         help="publish every N decode cycles (prefill and idle always) (default %(default)s)",
     )
-    pub.add_argument("--idle-publish-interval-s", type=float, default=DEFAULT_IDLE_INTERVAL_S)
+    pub.add_argument(
+        "--idle-publish-interval-s", type=flags.positive_number, default=DEFAULT_IDLE_INTERVAL_S
+    )
     pub.add_argument(
         "--heartbeat-interval-s",
-        type=float,
+        type=flags.positive_number,
         default=DEFAULT_HEARTBEAT_INTERVAL_S,
         help="publish an unchanged idle state this often (default %(default)s)",
     )
-    pub.add_argument(
-        "--transport",
-        choices=("shm", "zmq", "auto"),
-        default=None,
-        help="default $LOADSNAP_TRANSPORT, else auto",
-    )
-    pub.add_argument("--shm-dir", default=None, help="segment directory (default /dev/shm)")
+    flags.add_transport(pub, help="how to publish (default $LOADSNAP_TRANSPORT, else auto)")
+    flags.add_shm_dir(pub)
     pub.add_argument("--collector", default=None, help="zmq: collector endpoint")
     pub.add_argument("--curve-server-key", default=None, help="zmq: CURVE server key file")
     pub.add_argument("--curve-client-key", default=None, help="zmq: CURVE client key file")
@@ -154,11 +154,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--idle-poll-ms",
-        type=float,
+        type=flags.positive_number,
         default=20.0,
         help="longest wait for a message while idle (a message wakes it at once)",
     )
-    parser.add_argument("--log-level", default="WARNING", help="logging level")
+    flags.add_log_level(parser)
 
 
 def options_from_args(args: argparse.Namespace) -> SchedulerOptions:
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     the scheduler gets SIGTERM when that parent dies (:mod:`scheduler.lifeline`).
     """
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=args.log_level,
         format=f"%(asctime)s scheduler[{args.dp_rank}] %(levelname)s %(message)s",
     )
     try:
@@ -251,11 +251,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def build_parser() -> argparse.ArgumentParser:
     """Parser of ``python -m scheduler``."""
-    parser = argparse.ArgumentParser(prog="python -m scheduler", description=DESCRIPTION)
+    parser = flags.OneLineParser(prog="python -m scheduler", description=DESCRIPTION)
     add_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m scheduler``; returns the exit status."""
-    return run(build_parser().parse_args(argv))
+    try:
+        parser = build_parser()
+    except LoadsnapError as exc:  # a bad LOADSNAP_* variable, read for a default
+        print(f"scheduler: {exc}", file=sys.stderr)
+        return 2
+    return run(parser.parse_args(argv))

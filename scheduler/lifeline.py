@@ -27,11 +27,12 @@ import sys
 from collections.abc import Mapping
 from typing import Final
 
-from loadsnap.errors import LoadsnapError, UsageError
+from loadsnap import settings
+from loadsnap.errors import LoadsnapError
+from loadsnap.settings import PARENT_PID_ENV
 
 __all__ = ["PARENT_PID_ENV", "OrphanedError", "child_env", "die_with_parent"]
 
-PARENT_PID_ENV: Final[str] = "LOADSNAP_PARENT_PID"
 _PR_SET_PDEATHSIG: Final[int] = 1  # <linux/prctl.h>
 
 
@@ -51,7 +52,7 @@ def child_env(
     base:
         The environment to extend; default ``os.environ``.
     """
-    env = dict(os.environ if base is None else base)
+    env = settings.child_environment() if base is None else dict(base)
     env[PARENT_PID_ENV] = str(os.getpid() if parent_pid is None else parent_pid)
     return env
 
@@ -81,15 +82,10 @@ def die_with_parent(environ: Mapping[str, str] | None = None) -> int | None:
     OSError
         ``prctl`` failed.
     """
-    raw = (os.environ if environ is None else environ).get(PARENT_PID_ENV, "")
-    if not raw:
+    env = settings.current() if environ is None else settings.Settings.from_environ(environ)
+    parent = env.parent_pid
+    if parent is None:
         return None
-    try:
-        parent = int(raw)
-    except ValueError:
-        parent = 0
-    if parent <= 0:
-        raise UsageError(f"{PARENT_PID_ENV} must be a positive pid: got={raw!r}")
     if not sys.platform.startswith("linux"):
         return None
     libc = ctypes.CDLL(None, use_errno=True)

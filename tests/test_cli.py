@@ -159,12 +159,10 @@ def test_demo_and_controller_help_name_the_controller_policy(
 ) -> None:
     from dp_controller.budget import CONTROLLER_POLICY
 
-    expected = {
-        "demo": f"(default: the controller's, {CONTROLLER_POLICY.value})",
-        "controller": f"(default {CONTROLLER_POLICY.value})",
-    }
-    for command, phrase in expected.items():
+    # One declaration of --policy (dp_controller.cli.add_policy_arguments) serves both.
+    for command in ("demo", "controller"):
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, "--help"])
-        assert phrase in " ".join(capsys.readouterr().out.split()), command
-    assert build_parser().parse_args(["controller"]).policy == CONTROLLER_POLICY.value
+        out = " ".join(capsys.readouterr().out.split())
+        assert f"(default {CONTROLLER_POLICY.value})" in out, command
+        assert build_parser().parse_args([command]).policy == CONTROLLER_POLICY.value

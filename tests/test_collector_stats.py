@@ -298,7 +298,7 @@ def test_serve_metrics_show_a_separate_collectors_drops(
         _cli(
             "collector",
             *("--instance", instance, "--dp-size", "2", "--bind", endpoint),
-            *("--stats-interval", "0", "--duration", "60"),
+            *("--stats-interval-s", "0", "--duration-s", "60"),
             shm_dir=stats_dir,
         )
     )

@@ -363,7 +363,7 @@ def test_collector_cli_reports_key_bindings(
     generate_keys(tmp_path / "bound", clients=2, ranks_per_client=2)
     generate_keys(tmp_path / "any", clients=3)
     argv = ["collector", "--instance", instance, "--dp-size", "4", "--bind", "tcp://127.0.0.1:*"]
-    argv += ["--duration", "0.1", "--stats-interval", "0"]
+    argv += ["--duration-s", "0.1", "--stats-interval-s", "0"]
     try:
         assert cli_main([*argv, "--curve-dir", str(tmp_path / "bound")]) == 0
         assert "auth=curve (2 client keys, 0 may publish any rank)" in capsys.readouterr().out

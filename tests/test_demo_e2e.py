@@ -29,7 +29,7 @@ URL_RE = re.compile(r"(http://127\.0\.0\.1:\d+)/v1/loads$")
 
 def _demo_is_real() -> bool:
     try:  # the placeholder demo had neither flag
-        build_parser().parse_args(["demo", "--duration", "1", "--port", "0"])
+        build_parser().parse_args(["demo", "--duration-s", "1", "--port", "0"])
     except SystemExit:
         return False
     return True
@@ -73,7 +73,7 @@ class Demo:
 def _start(extra: list[str]) -> Demo:
     instance = f"e2e-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     cmd = [sys.executable, "-m", "loadsnap", "demo", "--instance", instance, "--port", "0"]
-    cmd += ["--duration", "60", "--no-table", *extra]
+    cmd += ["--duration-s", "60", "--no-table", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return Demo(proc, instance)
 

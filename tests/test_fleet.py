@@ -174,13 +174,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def test_second_deployment_fails_fast_first_keeps_serving(name: str) -> None:
-    first = _start_demo(name, "--dp-size", str(DP), "--duration", "60")
+    first = _start_demo(name, "--dp-size", str(DP), "--duration-s", "60")
     try:
         base = first.wait_for_url()
         segment = os.stat(segment_path(name))
         seconds: list[float] = []
         for cmd in (
-            _demo_cmd(name, "--dp-size", str(DP), "--duration", "5"),
+            _demo_cmd(name, "--dp-size", str(DP), "--duration-s", "5"),
             [sys.executable, "-m", "dp_controller", "--spawn", "--instance", name],
         ):
             start = time.monotonic()
@@ -246,7 +246,7 @@ def test_fleet_refuses_a_claimed_instance_before_spawning(instance: str) -> None
 @pytest.mark.parametrize("transport", ["shm", "zmq"])
 def test_sigkill_demo_leaves_no_child_and_next_start_reclaims(name: str, transport: str) -> None:
     demo = _start_demo(
-        name, "--dp-size", str(DP), "--duration", "30", "--transport", transport, new_session=True
+        name, "--dp-size", str(DP), "--duration-s", "30", "--transport", transport, new_session=True
     )
     children: list[int] = []
     try:
@@ -266,7 +266,7 @@ def test_sigkill_demo_leaves_no_child_and_next_start_reclaims(name: str, transpo
     left = [os.path.basename(p) for p in _named_after(name)]
 
     second = subprocess.run(
-        _demo_cmd(name, "--dp-size", str(DP), "--duration", "3", "--transport", transport),
+        _demo_cmd(name, "--dp-size", str(DP), "--duration-s", "3", "--transport", transport),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -342,7 +342,7 @@ def test_startup_error_reaches_the_user_and_foreign_segment_survives(
         assert "already has a live writer" in message
 
         demo = subprocess.run(
-            _demo_cmd(name, "--dp-size", "1", "--duration", "5"),
+            _demo_cmd(name, "--dp-size", "1", "--duration-s", "5"),
             cwd=ROOT,
             capture_output=True,
             text=True,

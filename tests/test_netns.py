@@ -113,7 +113,7 @@ def _collector_cmd(ns: str, instance: str, keys: Path) -> Sequence[str]:
     return [
         *("ip", "netns", "exec", ns, sys.executable, "-m", "loadsnap", "collector"),
         *("--instance", instance, "--dp-size", "2", "--bind", f"tcp://0.0.0.0:{PORT}"),
-        *("--curve-dir", str(keys), "--duration", "30", "--stats-interval", "0"),
+        *("--curve-dir", str(keys), "--duration-s", "30", "--stats-interval-s", "0"),
     ]
 
 

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from loadsnap.collector import collector_lock_path, is_loopback_endpoint
-from loadsnap.commands.collector import DEFAULT_BIND
+from loadsnap.settings import DEFAULT_COLLECTOR_BIND as DEFAULT_BIND
 from tests.test_chaos import report
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
@@ -120,9 +120,9 @@ def test_collector_binds_loopback_by_default(instance: str) -> None:
         instance,
         "--dp-size",
         "1",
-        "--duration",
+        "--duration-s",
         "20",
-        "--stats-interval",
+        "--stats-interval-s",
         "0",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env())

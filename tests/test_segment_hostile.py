@@ -30,7 +30,7 @@ from loadsnap import (
     ShmWriter,
     UsageError,
     _liveness,
-    _segment,
+    _location,
     segment_path,
 )
 from loadsnap._lockfile import LockFile
@@ -299,7 +299,7 @@ def test_foreign_lock_file_names_the_path(instance: str) -> None:
 def test_held_lock_times_out_with_a_loadsnap_error(
     instance: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_segment, "LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(_location, "LOCK_TIMEOUT_S", 0.2)
     squatter = LockFile(segment_path(instance) + ".lock")
     squatter.acquire(0)
     try:

@@ -34,7 +34,8 @@ from loadsnap import (
     WireError,
     decode_snapshot,
 )
-from loadsnap._segment import SegmentLocation, open_readonly
+from loadsnap._location import SegmentLocation
+from loadsnap._segment import open_readonly
 from loadsnap._seqlock import record_crc
 from loadsnap.layout import (
     CRC_STRUCT,

@@ -16,13 +16,15 @@ with it (they get SIGTERM), and the next start of the instance reclaims what it 
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
 import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
+
+from dp_controller.cli import add_policy_arguments, add_workload_arguments
+from loadsnap import flags
 
 if TYPE_CHECKING:
     from dp_controller.controller import Controller
@@ -44,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=(
             "Start DP_SIZE reference schedulers, a DP controller replaying a seeded workload "
             "and the HTTP server, then show every rank's load live. Stops on Ctrl-C (when run "
-            f"in a terminal) or after --duration (default {NON_INTERACTIVE_DURATION_S:.0f} s "
+            f"in a terminal) or after --duration-s (default {NON_INTERACTIVE_DURATION_S:.0f} s "
             "when not in a terminal), leaving no segment, socket or process behind."
         ),
         epilog=(
@@ -53,32 +55,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "loadsnap top --instance INSTANCE, loadsnap inspect --instance INSTANCE"
         ),
     )
-    parser.add_argument("--instance", default=f"demo-{os.getpid()}", help="instance name")
-    parser.add_argument("--dp-size", type=int, default=4, help="number of DP ranks (default 4)")
-    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
-    parser.add_argument(
-        "--port", type=int, default=8000, help="HTTP port (default 8000; 0 or taken: any free)"
+    flags.add_instance(parser)
+    flags.add_dp_size(parser, default=4, spawns=True)
+    flags.add_host_port(
+        parser, port=8000, port_help="HTTP port (default 8000; 0 or taken: any free port)"
     )
-    parser.add_argument(
-        "--duration",
-        type=float,
+    flags.add_duration(
+        parser,
         default=None,
-        metavar="SECONDS",
         help="stop after this long (default: until Ctrl-C in a terminal, "
         f"else {NON_INTERACTIVE_DURATION_S:.0f} s)",
     )
-    parser.add_argument("--workload", default="poisson", help="poisson, bursty or tiny")
-    parser.add_argument("--rate-rps", type=float, default=None, help="request rate override")
-    parser.add_argument(
-        "--policy", default=None, help="dispatch policy (default: the controller's, length_aware)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="workload seed")
-    parser.add_argument(
-        "--transport",
-        choices=("shm", "zmq"),
-        default="shm",
-        help="how schedulers publish: shm (same node) or zmq (through an in-process collector "
-        "on 127.0.0.1, as remote nodes would)",
+    add_workload_arguments(parser, default="poisson", duration=False)
+    add_policy_arguments(parser)
+    flags.add_transport(
+        parser,
+        help="how schedulers publish: shm (same node; auto is shm here) or zmq (through an "
+        "in-process collector on 127.0.0.1, as remote nodes would)",
     )
     parser.add_argument(
         "--no-table", action="store_true", help="print a status line instead of the live table"
@@ -106,7 +99,7 @@ class _Workload:
             start = time.monotonic()
             offset = 0.0
             chunk = 0
-            overrides: dict[str, Any] = {"duration_s": CHUNK_S}
+            overrides: dict[str, Any] = {"duration_s": CHUNK_S}  # --duration-s ends the demo
             if self.args.rate_rps is not None:
                 overrides["rate_rps"] = self.args.rate_rps
             while not self.stop.is_set():
@@ -181,8 +174,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; exit status 0 after a clean stop, 1 when a part failed."""
-    from dp_controller.budget import CONTROLLER_POLICY
-    from dp_controller.cli import make_dispatcher
+    from dp_controller.cli import budget_config, make_dispatcher
     from dp_controller.controller import Controller
     from dp_controller.harness.fleet import SchedulerFleet, claim_instance
     from loadsnap._lockfile import LockFile
@@ -192,8 +184,7 @@ def run(args: argparse.Namespace) -> int:
     from loadsnap.shm_reader import ShmReader
 
     interactive = sys.stdout.isatty() and sys.stdin.isatty()
-    args.policy = args.policy or CONTROLLER_POLICY.value
-    duration = args.duration
+    duration = args.duration_s
     if duration is None and not interactive:
         duration = NON_INTERACTIVE_DURATION_S
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -215,8 +206,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"loadsnap demo: starting {args.dp_size} schedulers (instance {args.instance})")
         fleet = SchedulerFleet(args.instance, args.dp_size, extra_args, lock=lock)
         fleet.wait_ready()
-        with ShmReader(args.instance) as reader:
-            dispatcher = make_dispatcher(args.policy, reader, args.dp_size)
+        with ShmReader(args.instance, stale_after_s=args.stale_after_s) as reader:
+            dispatcher = make_dispatcher(args.policy, reader, args.dp_size, budget_config(args))
             controller = Controller(dispatcher, fleet.request_addrs, fleet.result_addr)
             app = create_app(args.instance, const_labels={"instance": args.instance})
             _add_controller_metrics(app, controller)

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
 import time
 from types import FrameType
 
+from loadsnap import flags, settings
 from loadsnap.collector import Collector, is_loopback_endpoint
 from loadsnap.curve import load_server_keys
 from loadsnap.errors import LoadsnapError
-
-DEFAULT_BIND = "tcp://127.0.0.1:5557"
 
 OPEN_CHANNEL_WARNING = (
     "WARNING: loadsnap collector binds {bind} WITHOUT CURVE keys: anyone who can reach this "
@@ -36,35 +34,36 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "instance (a lock decides). Runs until SIGINT/SIGTERM."
         ),
     )
-    parser.add_argument("--instance", required=True, help="deployment instance name")
-    parser.add_argument("--dp-size", type=int, required=True, help="number of DP ranks")
+    flags.add_instance(parser)
+    flags.add_dp_size(parser)
+    env = settings.current()
     parser.add_argument(
         "--bind",
-        default=os.environ.get("LOADSNAP_COLLECTOR_BIND", DEFAULT_BIND),
-        help=f"endpoint to bind (default $LOADSNAP_COLLECTOR_BIND or {DEFAULT_BIND})",
+        default=env.collector_bind,
+        help="endpoint to bind (default $LOADSNAP_COLLECTOR_BIND, else "
+        f"{settings.DEFAULT_COLLECTOR_BIND})",
     )
     parser.add_argument(
         "--curve-dir",
-        default=os.environ.get("LOADSNAP_CURVE_DIR") or None,
+        default=env.curve_dir,
         help="key directory from `loadsnap keys generate` (default $LOADSNAP_CURVE_DIR); "
         "turns CURVE on: only clients listed in DIR/clients/*.key get through, each for the "
         "ranks its file binds it to",
     )
-    parser.add_argument("--shm-dir", default=None, help="segment directory (default /dev/shm)")
+    flags.add_shm_dir(parser)
     parser.add_argument(
-        "--stats-interval",
-        type=float,
+        "--stats-interval-s",
+        type=flags.non_negative_number,
         default=10.0,
-        help="print counters as JSON every S seconds (0: never)",
+        metavar="SECONDS",
+        help="print counters as JSON this often (0: never; default 10)",
     )
-    parser.add_argument(
-        "--duration", type=float, default=0.0, help="stop after S seconds (0: run until signal)"
-    )
+    flags.add_duration(parser, default=None, help="stop after this long (default: at a signal)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the collector until a signal (or ``--duration``); exit status 1 if it cannot start."""
+    """Run the collector until a signal (or ``--duration-s``); exit status 1 if it cannot start."""
     try:
         curve = load_server_keys(args.curve_dir) if args.curve_dir else None
         if curve is None and not is_loopback_endpoint(args.bind):
@@ -91,14 +90,14 @@ def run(args: argparse.Namespace) -> int:
         f"endpoint={collector.endpoint} auth={mode}",
         flush=True,
     )
-    deadline = time.monotonic() + args.duration if args.duration > 0 else None
+    deadline = None if args.duration_s is None else time.monotonic() + args.duration_s
     try:
         while not stop.is_set():
-            wait = args.stats_interval if args.stats_interval > 0 else 1.0
+            wait = args.stats_interval_s if args.stats_interval_s > 0 else 1.0
             if deadline is not None:
                 wait = min(wait, max(0.0, deadline - time.monotonic()))
             stop.wait(wait)
-            if args.stats_interval > 0 or stop.is_set() or deadline is not None:
+            if args.stats_interval_s > 0 or stop.is_set() or deadline is not None:
                 print(json.dumps(collector.stats_dict()), flush=True)
             if deadline is not None and time.monotonic() >= deadline:
                 break

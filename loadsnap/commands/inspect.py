@@ -8,8 +8,8 @@ import json
 import sys
 from typing import Any
 
-from loadsnap._segment import segment_path
-from loadsnap.commands import add_reader_options
+from loadsnap import flags
+from loadsnap._location import segment_path
 from loadsnap.metrics import slot_refused_counts
 from loadsnap.reading import DEFAULT_STALE_AFTER_S
 from loadsnap.shm_reader import SegmentUnavailableError, ShmReader
@@ -30,9 +30,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ),
         epilog="Example: loadsnap inspect --instance demo --json",
     )
-    parser.add_argument("--instance", default="demo", help="deployment instance name")
-    add_reader_options(parser)
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    flags.add_instance(parser)
+    flags.add_reader_options(parser)
+    flags.add_json(parser)
     parser.set_defaults(func=run)
 
 
@@ -125,7 +125,7 @@ def _print_text(info: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the inspection; exit status 1 when no segment is readable."""
     try:
-        info = collect(args.instance, args.shm_dir, args.stale_after)
+        info = collect(args.instance, args.shm_dir, args.stale_after_s)
     except SegmentUnavailableError as exc:
         if args.json:
             doc = {

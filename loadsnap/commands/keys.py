@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from loadsnap import flags
 from loadsnap.curve import CLIENTS_DIR, MAX_CLIENTS, client_ranks, generate_keys
 from loadsnap.errors import LoadsnapError
 
@@ -32,14 +33,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     generate.add_argument("dir", metavar="DIR", help="output directory (created, mode 0700)")
     generate.add_argument(
         "--clients",
-        type=int,
+        type=flags.positive_count,
         default=1,
         metavar="N",
         help=f"number of client key pairs, 1..{MAX_CLIENTS} (default 1)",
     )
     generate.add_argument(
         "--ranks-per-client",
-        type=int,
+        type=flags.positive_count,
         default=None,
         metavar="K",
         help="bind client i to ranks i*K..i*K+K-1 (one key per node of K ranks); "

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 
-from loadsnap.commands import add_reader_options
+from loadsnap import flags
 from loadsnap.errors import UsageError
 from loadsnap.server import LOOPBACK_HOSTS
 
@@ -23,10 +24,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ),
         epilog="Example: loadsnap serve --instance demo --port 8000 --label model=llama",
     )
-    parser.add_argument("--instance", required=True, help="deployment instance name")
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="bind port (default 8000)")
-    add_reader_options(parser)
+    flags.add_instance(parser)
+    flags.add_host_port(parser, port=8000, port_help="bind port (default 8000)")
+    flags.add_reader_options(parser)
     parser.add_argument(
         "--prefix",
         default="loadsnap_",
@@ -69,23 +69,54 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(
             args.instance,
             shm_dir=args.shm_dir,
-            stale_after_s=args.stale_after,
+            stale_after_s=args.stale_after_s,
             prefix=args.prefix,
             const_labels=parse_labels(args.label),
         )
     except UsageError as exc:
         print(f"loadsnap serve: {exc}", file=sys.stderr)
         return 2
+    try:
+        sock = listen(args.host, args.port)
+    except OSError as exc:  # before any URL is printed: a busy port is one line, exit 1
+        print(
+            f"loadsnap serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
     if args.host not in LOOPBACK_HOSTS:
         print(
             f"loadsnap serve: warning: binding {args.host}: /v1/loads and /metrics have no "
             "authentication; put them behind a proxy or a network policy",
             file=sys.stderr,
         )
+    port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
-    base = f"http://{host}:{args.port}"
+    base = f"http://{host}:{port}"
     print(f"loadsnap serve: instance {args.instance}", flush=True)
     print(f"  {base}/v1/loads  {base}/v1/loads?format=prometheus", flush=True)
     print(f"  {base}/metrics  {base}/healthz", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server.run(sockets=[sock])  # the socket bound above: no window for another process
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: any free one), as uvicorn would bind.
+
+    Raises
+    ------
+    OSError
+        The address is in use, not local, or not allowed.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock

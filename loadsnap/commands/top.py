@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from loadsnap.commands import add_reader_options
+from loadsnap import flags
 from loadsnap.shm_reader import SegmentUnavailableError, ShmReader
 
 
@@ -22,10 +22,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ),
         epilog="Example: loadsnap top --instance demo   (Ctrl-C to quit)",
     )
-    parser.add_argument("--instance", default="demo", help="deployment instance name")
-    add_reader_options(parser)
+    flags.add_instance(parser)
+    flags.add_reader_options(parser)
     parser.add_argument(
-        "--interval", type=float, default=0.25, metavar="SECONDS", help="redraw period"
+        "--interval-s",
+        type=flags.positive_number,
+        default=0.25,
+        metavar="SECONDS",
+        help="redraw period (default 0.25)",
     )
     parser.add_argument("--once", action="store_true", help="print one frame and exit")
     parser.set_defaults(func=run)
@@ -40,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     title = f"loadsnap top: {args.instance}"
-    with ShmReader(args.instance, shm_dir=args.shm_dir, stale_after_s=args.stale_after) as reader:
+    with ShmReader(args.instance, shm_dir=args.shm_dir, stale_after_s=args.stale_after_s) as reader:
         if args.once:
             try:
                 console.print(render_table(reader.read_all(), title))
@@ -55,6 +59,6 @@ def run(args: argparse.Namespace) -> int:
                         live.update(render_table(reader.read_all(), title), refresh=True)
                     except SegmentUnavailableError as exc:
                         live.update(f"{title}: waiting for the segment ({exc})", refresh=True)
-                    time.sleep(args.interval)
+                    time.sleep(args.interval_s)
         except KeyboardInterrupt:
             return 0
