@@ -54,7 +54,7 @@ from benchmarks._common import (
 from loadsnap import ShmReader, unlink_segment
 from loadsnap.collector import Collector, collector_lock_path
 from loadsnap.curve import curve_available, generate_keys, load_server_keys
-from loadsnap.shm_reader import SegmentUnavailableError
+from loadsnap.errors import SegmentUnavailableError
 
 REPORT_ORDER: Final[int] = 6
 REPORT_ARGS: Final[list[str]] = []

@@ -54,7 +54,7 @@ import zmq
 from dp_controller.budget import DPBudget, RankHealth
 from dp_controller.dispatching import Clock, Dispatch, Dispatcher, monotonic_clock
 from dp_controller.harness.workload import TraceRequest
-from loadsnap.errors import LoadsnapError, TransportError, UsageError
+from loadsnap.errors import LoadsnapError, TransportError, UsageError, WireError
 from loadsnap.reading import HotTable
 from scheduler.messages import (
     Control,
@@ -513,7 +513,7 @@ class Controller:
             got = True
             try:
                 message = decode_to_controller(data)
-            except (msgspec.DecodeError, UnicodeDecodeError):
+            except WireError:
                 self.bad_messages += 1
                 continue
             if isinstance(message, Finished):

@@ -17,10 +17,13 @@ from loadsnap.errors import (
     SegmentError,
     SegmentInUseError,
     SegmentNotReadyError,
+    SegmentUnavailableError,
     StaleError,
     TransportError,
     UsageError,
+    WireDecodeError,
     WireError,
+    WireValidationError,
 )
 from loadsnap.layout import DEFAULT_PAYLOAD_CAPACITY, SegmentGeometry
 from loadsnap.publisher import LoadPublisher, PublisherStats, PublishReason
@@ -44,7 +47,7 @@ from loadsnap.schema import (
     parse_include,
     validate_snapshot,
 )
-from loadsnap.shm_reader import SegmentUnavailableError, ShmReader
+from loadsnap.shm_reader import ShmReader
 from loadsnap.shm_writer import ShmWriter
 from loadsnap.wire import decode_snapshot, encode_snapshot
 
@@ -83,7 +86,9 @@ __all__ = [
     "StaleError",
     "TransportError",
     "UsageError",
+    "WireDecodeError",
     "WireError",
+    "WireValidationError",
     "__version__",
     "decode_snapshot",
     "encode_snapshot",

@@ -67,7 +67,14 @@ from loadsnap.collector_stats import (
     collector_stats_path,
 )
 from loadsnap.curve import ClientKey, CurveServerKeys
-from loadsnap.errors import LoadsnapError, LockHeldError, TransportError, UsageError, WireError
+from loadsnap.errors import (
+    LoadsnapError,
+    LockHeldError,
+    TransportError,
+    UsageError,
+    WireError,
+    WireValidationError,
+)
 from loadsnap.frame import DEFAULT_MAX_MESSAGE_BYTES, FrameDecoder, frame_overhead_bytes
 from loadsnap.layout import DEFAULT_PAYLOAD_CAPACITY, SegmentGeometry
 from loadsnap.schema import LoadSnapshot
@@ -474,7 +481,7 @@ class Collector:
         stats.relayed += 1
 
     def _count_wire_error(self, exc: WireError) -> None:
-        if isinstance(exc.__cause__, msgspec.ValidationError):
+        if isinstance(exc, WireValidationError):
             self.stats.invalid += 1
         else:
             self.stats.undecodable += 1

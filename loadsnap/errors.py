@@ -8,6 +8,11 @@ Messages name values as ``name=value``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loadsnap.reading import SegmentState
+
 __all__ = [
     "LayoutError",
     "LoadsnapError",
@@ -16,10 +21,13 @@ __all__ = [
     "SegmentError",
     "SegmentInUseError",
     "SegmentNotReadyError",
+    "SegmentUnavailableError",
     "StaleError",
     "TransportError",
     "UsageError",
+    "WireDecodeError",
     "WireError",
+    "WireValidationError",
 ]
 
 
@@ -32,7 +40,15 @@ class UsageError(LoadsnapError, ValueError):
 
 
 class WireError(LoadsnapError):
-    """Bytes that do not decode to a valid :class:`~loadsnap.LoadSnapshot`."""
+    """Bytes that do not decode to a valid message (a snapshot, a frame, a control message)."""
+
+
+class WireDecodeError(WireError):
+    """Not the wire format at all: not msgpack, cut short, or not the expected shape."""
+
+
+class WireValidationError(WireError):
+    """Well-formed msgpack whose values break the schema (a negative count, a ratio above 1)."""
 
 
 class LayoutError(LoadsnapError):
@@ -65,3 +81,11 @@ class SegmentInUseError(SegmentError):
 
 class LockHeldError(SegmentError):
     """Another process holds a loadsnap lock file (an instance, a deployment, a collector)."""
+
+
+class SegmentUnavailableError(SegmentError):
+    """No readable segment: ``state`` says why (missing, not ready, incompatible)."""
+
+    def __init__(self, message: str, state: SegmentState) -> None:
+        super().__init__(message)
+        self.state = state

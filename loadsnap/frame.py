@@ -18,8 +18,8 @@ Decoding is in two steps so the collector spends nothing on a frame it will drop
 :meth:`FrameDecoder.decode_head` reads ``instance`` and keeps the snapshot's bytes raw (no
 validation of them yet); :meth:`FrameDecoder.decode_snapshot` then decodes and validates the
 snapshot. What a fuzzer may get out of them is documented on each method: a result or a
-:class:`~loadsnap.WireError` (with :class:`msgspec.ValidationError` as ``__cause__`` when the
-bytes are msgpack but break the schema), nothing else.
+:class:`~loadsnap.WireError` (:class:`~loadsnap.errors.WireValidationError` when the bytes
+are msgpack but break the schema), nothing else.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from typing import Final
 
 import msgspec
 
-from loadsnap.errors import WireError
+from loadsnap.errors import WireValidationError
 from loadsnap.schema import LoadSnapshot
+from loadsnap.wire import DECODE_ERRORS, wire_error
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -93,35 +94,34 @@ class FrameDecoder:
 
         Raises
         ------
-        WireError
-            Not msgpack, or not a map whose ``instance`` is a string (``__cause__`` is then a
-            :class:`msgspec.ValidationError`).
+        WireDecodeError
+            Not msgpack.
+        WireValidationError
+            Not a map whose ``instance`` is a string.
         """
         try:
             return self._head.decode(data)
-        # msgspec 0.22 raises UnicodeDecodeError (not DecodeError) for invalid UTF-8.
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            raise WireError(f"undecodable frame: {exc}") from exc
+        except DECODE_ERRORS as exc:
+            raise wire_error(exc, "frame") from exc
 
     def decode_snapshot(self, head: FrameHead) -> LoadSnapshot:
         """Decode and validate the snapshot inside ``head``.
 
         Raises
         ------
-        WireError
-            No snapshot in the frame, undecodable bytes, or a value outside the schema's
-            constraints (``__cause__`` is then a :class:`msgspec.ValidationError`).
+        WireDecodeError
+            Undecodable snapshot bytes.
+        WireValidationError
+            No snapshot in the frame, or a value outside the schema's constraints.
         """
         raw = head.snapshot
         if not len(raw):
-            missing = msgspec.ValidationError("Object missing required field `snapshot`")
-            raise WireError(f"frame without a snapshot: {missing}") from missing
+            raise WireValidationError("frame without a snapshot: missing required field `snapshot`")
         try:
             # Straight from the Raw's buffer: about 180 ns less than copying it to bytes first.
             return self._snapshot.decode(raw)
-        # msgspec 0.22 raises UnicodeDecodeError (not DecodeError) for invalid UTF-8.
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            raise WireError(f"undecodable snapshot: {exc}") from exc
+        except DECODE_ERRORS as exc:
+            raise wire_error(exc, "snapshot") from exc
 
 
 def frame_overhead_bytes(instance: str) -> int:

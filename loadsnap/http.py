@@ -31,9 +31,15 @@ from loadsnap.exposition import (
     render_json,
     render_prometheus,
 )
-from loadsnap.reading import HotTable, SegmentState, SlotRead, SlotStatus, SnapshotSource
+from loadsnap.reading import (
+    HotTable,
+    SegmentState,
+    SlotRead,
+    SlotStatus,
+    SnapshotSource,
+    unavailable_state,
+)
 from loadsnap.schema import SECTIONS, LoadSnapshot, parse_include
-from loadsnap.shm_reader import SegmentUnavailableError
 
 __all__ = ["FORMATS", "LoadsQuery", "LockedSource", "loads_router", "parse_loads_query"]
 
@@ -393,10 +399,8 @@ def loads_router(
             return _error(400, str(exc), valid_sections=list(SECTIONS), valid_formats=FORMATS)
         try:
             reads = await anyio.to_thread.run_sync(locked.read_all)
-        except SegmentUnavailableError as exc:
-            return _error(503, str(exc), reason=exc.state.value)
         except LoadsnapError as exc:
-            return _error(503, str(exc), reason="incompatible")
+            return _error(503, str(exc), reason=unavailable_state(exc).value)
         if query.dp_rank is not None:
             if query.dp_rank >= len(reads):
                 return _error(

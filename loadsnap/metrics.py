@@ -36,8 +36,15 @@ from prometheus_client.metrics_core import Metric
 
 from loadsnap.collector_stats import DROP_REASONS, CollectorStatsRead
 from loadsnap.errors import LoadsnapError, UsageError
-from loadsnap.reading import ReaderStats, SegmentState, SlotRead, SlotStatus, SnapshotSource
-from loadsnap.shm_reader import SegmentUnavailableError, ShmReader
+from loadsnap.reading import (
+    ReaderStats,
+    SegmentState,
+    SlotRead,
+    SlotStatus,
+    SnapshotSource,
+    unavailable_state,
+)
+from loadsnap.shm_reader import ShmReader
 
 __all__ = ["LoadsnapCollector", "MetricProvider", "collector_families", "slot_refused_counts"]
 
@@ -287,10 +294,8 @@ class LoadsnapCollector:
         state = SegmentState.OK
         try:
             reads = self._source.read_all()
-        except SegmentUnavailableError as exc:
-            state = exc.state
-        except LoadsnapError:
-            state = SegmentState.INCOMPATIBLE
+        except LoadsnapError as exc:
+            state = unavailable_state(exc)
         states = GaugeMetricFamily(
             p + "segment_state",
             "1 for the segment's current state (ok, missing, not_ready, incompatible).",

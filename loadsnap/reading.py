@@ -12,6 +12,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from loadsnap.errors import LoadsnapError, SegmentUnavailableError
 from loadsnap.schema import LoadSnapshot
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "SlotRead",
     "SlotStatus",
     "SnapshotSource",
+    "unavailable_state",
 ]
 
 DEFAULT_STALE_AFTER_S: Final[float] = 2.0
@@ -121,3 +123,14 @@ class SnapshotSource(Protocol):
     def hot_table(self) -> HotTable:
         """Every rank's dispatch-critical numbers, without msgpack decoding."""
         ...
+
+
+def unavailable_state(exc: LoadsnapError) -> SegmentState:
+    """Why reading failed, as a :class:`SegmentState`: the one mapping behind every 503.
+
+    A :class:`~loadsnap.errors.SegmentUnavailableError` says it itself; any other loadsnap
+    error while reading means the segment cannot be used (``INCOMPATIBLE``).
+    """
+    if isinstance(exc, SegmentUnavailableError):
+        return exc.state
+    return SegmentState.INCOMPATIBLE

@@ -27,8 +27,14 @@ from loadsnap.errors import LoadsnapError, UsageError
 from loadsnap.exposition import USABLE_STATUSES
 from loadsnap.http import LockedSource, loads_router
 from loadsnap.metrics import LoadsnapCollector, slot_refused_counts
-from loadsnap.reading import DEFAULT_STALE_AFTER_S, SegmentState, SlotStatus, SnapshotSource
-from loadsnap.shm_reader import SegmentUnavailableError, ShmReader
+from loadsnap.reading import (
+    DEFAULT_STALE_AFTER_S,
+    SegmentState,
+    SlotStatus,
+    SnapshotSource,
+    unavailable_state,
+)
+from loadsnap.shm_reader import ShmReader
 
 __all__ = ["LOOPBACK_HOSTS", "ServerThread", "create_app"]
 
@@ -161,12 +167,9 @@ def create_app(
     async def healthz() -> Response:
         try:
             reads = await anyio.to_thread.run_sync(locked.read_all)
-        except SegmentUnavailableError as exc:
-            return _json(
-                {"status": "unavailable", "segment": exc.state.value, "detail": str(exc)}, 503
-            )
         except LoadsnapError as exc:
-            return _json({"status": "unavailable", "segment": "incompatible", "detail": str(exc)})
+            state = unavailable_state(exc).value
+            return _json({"status": "unavailable", "segment": state, "detail": str(exc)}, 503)
         ranks = {s.label: sum(1 for r in reads if r.status is s) for s in SlotStatus}
         ok = any(read.status in USABLE_STATUSES for read in reads)
         doc: dict[str, object] = {

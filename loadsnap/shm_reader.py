@@ -22,6 +22,7 @@ from loadsnap.errors import (
     LayoutError,
     SegmentError,
     SegmentNotReadyError,
+    SegmentUnavailableError,
     UsageError,
     WireError,
 )
@@ -61,14 +62,6 @@ _FIELD_INDEX: Final[dict[str, int]] = {name: i for i, (name, _) in enumerate(HOT
 _SEQ: Final[int] = _FIELD_INDEX["seq"]
 _EPOCH: Final[int] = _FIELD_INDEX["epoch"]
 _MONO: Final[int] = _FIELD_INDEX["publish_mono_ns"]
-
-
-class SegmentUnavailableError(SegmentError):
-    """No readable segment: ``state`` says why (missing, not ready, incompatible)."""
-
-    def __init__(self, message: str, state: SegmentState) -> None:
-        super().__init__(message)
-        self.state = state
 
 
 class ShmReader:

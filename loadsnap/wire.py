@@ -8,7 +8,7 @@ from typing import Final
 
 import msgspec
 
-from loadsnap.errors import UsageError, WireError
+from loadsnap.errors import UsageError, WireDecodeError, WireError, WireValidationError
 from loadsnap.schema import LoadSnapshot
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "check_publishable",
     "decode_snapshot",
     "encode_snapshot",
+    "wire_error",
 ]
 
 
@@ -37,6 +38,21 @@ class SnapshotEncoder:
         self._encoder.encode_into(snapshot, buffer, offset)
 
 
+# msgspec 0.22 raises UnicodeDecodeError (not DecodeError) for invalid UTF-8.
+DECODE_ERRORS: Final = (msgspec.DecodeError, UnicodeDecodeError)
+
+
+def wire_error(exc: Exception, what: str) -> WireError:
+    """The loadsnap error for msgspec's ``exc`` while decoding ``what``.
+
+    :class:`~loadsnap.errors.WireValidationError` for a value that breaks the schema
+    (msgspec's ``ValidationError``), :class:`~loadsnap.errors.WireDecodeError` for the rest.
+    """
+    if isinstance(exc, msgspec.ValidationError):
+        return WireValidationError(f"invalid {what}: {exc}")
+    return WireDecodeError(f"undecodable {what}: {exc}")
+
+
 class SnapshotDecoder:
     """Typed, validating decoder. Safe to share between threads."""
 
@@ -50,14 +66,15 @@ class SnapshotDecoder:
 
         Raises
         ------
-        WireError
-            Undecodable bytes or a value outside the schema's constraints.
+        WireDecodeError
+            Undecodable bytes.
+        WireValidationError
+            A value outside the schema's constraints.
         """
         try:
             return self._decoder.decode(data)
-        # msgspec 0.22 raises UnicodeDecodeError (not DecodeError) for invalid UTF-8.
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            raise WireError(f"undecodable snapshot: {exc}") from exc
+        except DECODE_ERRORS as exc:
+            raise wire_error(exc, "snapshot") from exc
 
 
 _ENCODER = SnapshotEncoder()

@@ -28,6 +28,8 @@ from typing import Annotated, Final
 
 import msgspec
 
+from loadsnap.wire import DECODE_ERRORS, wire_error
+
 __all__ = [
     "Control",
     "ControlReply",
@@ -105,10 +107,22 @@ def encode_message(message: Request | Control | Finished | ControlReply) -> byte
 
 
 def decode_to_scheduler(data: bytes) -> Request | Control:
-    """Decode a controller -> scheduler message (raises msgspec.DecodeError on bad bytes)."""
-    return _TO_SCHEDULER.decode(data)
+    """Decode a controller -> scheduler message.
+
+    Raises
+    ------
+    WireDecodeError, WireValidationError
+        Undecodable bytes, or values that break the message schema (loadsnap's wire errors).
+    """
+    try:
+        return _TO_SCHEDULER.decode(data)
+    except DECODE_ERRORS as exc:
+        raise wire_error(exc, "message") from exc
 
 
 def decode_to_controller(data: bytes) -> Finished | ControlReply:
-    """Decode a scheduler -> controller message (raises msgspec.DecodeError on bad bytes)."""
-    return _TO_CONTROLLER.decode(data)
+    """Decode a scheduler -> controller message (raises as :func:`decode_to_scheduler`)."""
+    try:
+        return _TO_CONTROLLER.decode(data)
+    except DECODE_ERRORS as exc:
+        raise wire_error(exc, "message") from exc

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Final
 
-import msgspec
 import zmq
 
+from loadsnap.errors import WireError
 from loadsnap.publisher import (
     DEFAULT_EVERY_N_CYCLES,
     DEFAULT_HEARTBEAT_INTERVAL_S,
@@ -218,7 +218,7 @@ class SchedulerProcess:
     def _handle_frame(self, frame: bytes) -> None:
         try:
             message = decode_to_scheduler(frame)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        except WireError as exc:
             self.bad_frames += 1
             now = time.monotonic()
             if now - self._last_bad_log_s >= BAD_FRAME_LOG_INTERVAL_S:

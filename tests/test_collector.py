@@ -22,9 +22,8 @@ import zmq
 
 from loadsnap import LoadSnapshot, ShmReader, ShmWriter, SlotRead, SlotStatus
 from loadsnap.collector import Collector, collector_lock_path
-from loadsnap.errors import TransportError
+from loadsnap.errors import SegmentUnavailableError, TransportError
 from loadsnap.frame import encode_frame
-from loadsnap.shm_reader import SegmentUnavailableError
 from tests.test_chaos import report
 
 LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"

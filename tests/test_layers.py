@@ -63,3 +63,19 @@ def test_modules_stay_small(package: str) -> None:
         if (lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES
     }
     assert big == {}, f"split by job (STYLE.md): {big}"
+
+
+def test_environment_is_read_in_one_module() -> None:
+    readers = set()
+    for package in PACKAGES:
+        for path in _modules(package):
+            tree = ast.parse(path.read_text(), str(path))
+            for node in ast.walk(tree):
+                if (
+                    isinstance(node, ast.Attribute)
+                    and node.attr in ("environ", "getenv")
+                    and isinstance(node.value, ast.Name)
+                    and node.value.id == "os"
+                ):
+                    readers.add(str(path.relative_to(ROOT)))
+    assert readers == {"loadsnap/settings.py"}

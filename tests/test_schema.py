@@ -17,7 +17,9 @@ from loadsnap import (
     QueueSection,
     SpeculativeSection,
     UsageError,
+    WireDecodeError,
     WireError,
+    WireValidationError,
     decode_snapshot,
     encode_snapshot,
     parse_include,
@@ -210,7 +212,7 @@ def _raw(**fields: Any) -> bytes:
     ids=repr,
 )
 def test_decode_rejects_invalid_values(fields: dict[str, Any]) -> None:
-    with pytest.raises(WireError, match="undecodable snapshot"):
+    with pytest.raises(WireValidationError, match="invalid snapshot"):
         decode_snapshot(_raw(**fields))
 
 
@@ -231,7 +233,7 @@ def test_decode_rejects_invalid_utf8_as_wire_error(bad: bytes) -> None:
         + _msgpack_str(b"mode")
         + _msgpack_str(bad)
     )
-    with pytest.raises(WireError) as info:
+    with pytest.raises(WireDecodeError) as info:
         decode_snapshot(payload)
     assert isinstance(info.value.__cause__, (msgspec.DecodeError, UnicodeDecodeError))
 

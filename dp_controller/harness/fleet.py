@@ -50,9 +50,15 @@ import numpy.typing as npt
 
 from loadsnap import segment_path, unlink_segment
 from loadsnap._lockfile import LockFile, LockHeldError
-from loadsnap.errors import LoadsnapError, SegmentError, TransportError, UsageError
+from loadsnap.errors import (
+    LoadsnapError,
+    SegmentError,
+    SegmentUnavailableError,
+    TransportError,
+    UsageError,
+)
 from loadsnap.reading import SlotStatus
-from loadsnap.shm_reader import SegmentUnavailableError, ShmReader
+from loadsnap.shm_reader import ShmReader
 from scheduler.lifeline import child_env
 
 __all__ = [

@@ -10,9 +10,10 @@ from typing import Any
 
 from loadsnap import flags
 from loadsnap._location import segment_path
+from loadsnap.errors import SegmentUnavailableError
 from loadsnap.metrics import slot_refused_counts
 from loadsnap.reading import DEFAULT_STALE_AFTER_S
-from loadsnap.shm_reader import SegmentUnavailableError, ShmReader
+from loadsnap.shm_reader import ShmReader
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -7,7 +7,8 @@ import sys
 import time
 
 from loadsnap import flags
-from loadsnap.shm_reader import SegmentUnavailableError, ShmReader
+from loadsnap.errors import SegmentUnavailableError
+from loadsnap.shm_reader import ShmReader
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
