@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +42,8 @@ __all__ = [
     "HandshakeWatch",
     "WarnLimiter",
     "describe_failure",
+    "host_of",
+    "peer_of",
 ]
 
 FAILED_EVENTS: Final[int] = (
@@ -243,3 +247,30 @@ class HandshakeWatch:
         with contextlib.suppress(zmq.ZMQError):
             self._sock.disable_monitor()
         self._thread.join()
+
+
+def peer_of(fd: int) -> str | None:
+    """``host:port`` of the TCP peer on libzmq's ``fd``; None once the connection is gone."""
+    try:
+        dup = os.dup(fd)  # our own descriptor: closing it leaves libzmq's connection alone
+    except OSError:  # closed already (EBADF)
+        return None
+    try:
+        sock = socket.socket(fileno=dup)
+    except OSError:  # the number now names something that is not a socket
+        os.close(dup)
+        return None
+    try:
+        with sock:
+            address = sock.getpeername()
+    except OSError:  # not connected any more
+        return None
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = f"[{address[0]}]" if ":" in str(address[0]) else str(address[0])
+        return f"{host}:{address[1]}"
+    return str(address) or None
+
+
+def host_of(peer: str) -> str:
+    """The host part of ``host:port``."""
+    return peer.rsplit(":", 1)[0] if ":" in peer else peer

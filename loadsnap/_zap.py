@@ -19,11 +19,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+import zmq
 from zmq.utils import z85
 
 from loadsnap.curve import ClientKey
+from loadsnap.errors import TransportError
 
-__all__ = ["ZAP_ENDPOINT", "ZAP_VERSION", "ZapDecision", "decide"]
+__all__ = ["ZAP_ENDPOINT", "ZAP_VERSION", "ZapDecision", "bind_zap_handler", "decide"]
 
 ZAP_ENDPOINT: Final[str] = "inproc://zeromq.zap.01"
 ZAP_VERSION: Final[bytes] = b"1.0"
@@ -62,3 +64,24 @@ def decide(frames: Sequence[bytes], clients: Mapping[str, ClientKey]) -> ZapDeci
         reason = "key not on the allow-list"
         return ZapDecision(_reply(request_id, b"400", reason), None, address, key, reason)
     return ZapDecision(_reply(request_id, b"200", "OK", key), client, address, key, "OK")
+
+
+def bind_zap_handler(context: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
+    """Bind the context's ZAP handler socket (REP on ``ZAP_ENDPOINT``).
+
+    Bind it before any CURVE server socket: libzmq admits every CURVE client when no ZAP
+    handler is bound in the context, so no handshake may happen before this exists.
+
+    Raises
+    ------
+    TransportError
+        It cannot be bound (another handler in this context).
+    """
+    zap = context.socket(zmq.REP)
+    try:
+        zap.setsockopt(zmq.LINGER, 0)
+        zap.bind(ZAP_ENDPOINT)
+    except zmq.ZMQError as exc:
+        zap.close(linger=0)
+        raise TransportError(f"cannot bind ZAP handler: {exc} (endpoint={ZAP_ENDPOINT})") from exc
+    return zap

@@ -13,11 +13,8 @@ the instance's shared-memory segment through :meth:`ShmWriter.publish_relayed` (
 :class:`~loadsnap.ShmWriter` per remote rank, opened on the rank's first snapshot) with this
 host's receive time, so readers keep one read path and ages stay right when clocks disagree.
 
-Freshness per rank: a higher epoch (a restarted writer) replaces the current one; within an
-epoch only a higher ``seq`` is accepted. A lower epoch is ``stale_epoch`` while the current
-epoch is still heard from, and takes over once it has been quiet for ``epoch_takeover_s``
-(epochs come from wall clocks, and a rank restarted on a host whose clock is behind must not be
-locked out forever).
+Freshness per rank follows :mod:`loadsnap._relay_order` (epochs, then sequences, with a
+takeover after ``epoch_takeover_s`` of quiet).
 
 Frames above ``max_message_bytes`` never reach us: libzmq (``MAXMSGSIZE``) disconnects that
 peer, and reports it as a plain disconnect (``disconnects``), which cannot be told from a peer
@@ -45,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -54,19 +50,19 @@ from typing import Any, Final
 
 import msgspec
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
-from loadsnap._handshake import FAILED_EVENTS, WarnLimiter, describe_failure
 from loadsnap._location import segment_path
 from loadsnap._lockfile import LockFile
-from loadsnap._zap import ZAP_ENDPOINT, decide
+from loadsnap._peers import MONITOR_EVENTS, PeerWatch
+from loadsnap._relay_order import Order, RankOrder
+from loadsnap._zap import bind_zap_handler
 from loadsnap.collector_stats import (
     DROP_REASONS,
     CollectorStats,
     CollectorStatsFile,
     collector_stats_path,
 )
-from loadsnap.curve import ClientKey, CurveServerKeys
+from loadsnap.curve import CurveServerKeys
 from loadsnap.errors import (
     LoadsnapError,
     LockHeldError,
@@ -101,46 +97,6 @@ POLL_INTERVAL_MS: Final[int] = 50
 DRAIN_BATCH: Final[int] = 1024
 START_TIMEOUT_S: Final[float] = 10.0
 OPEN_RETRY_NS: Final[int] = 1_000_000_000  # after a rank's slot could not be opened
-_MONITOR_EVENTS: Final[int] = (
-    zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | FAILED_EVENTS
-)
-_UNKNOWN_PEER: Final[str] = "an unknown peer (gone before its address could be read)"
-
-
-class _RankState:
-    __slots__ = ("epoch", "heard_mono_ns", "seq", "writer")
-
-    def __init__(self, writer: ShmWriter) -> None:
-        self.writer = writer
-        self.epoch = -1
-        self.seq = -1
-        self.heard_mono_ns = 0
-
-
-def _peer_of(fd: int) -> str | None:
-    """``host:port`` of the TCP peer on libzmq's ``fd``; None once the connection is gone."""
-    try:
-        dup = os.dup(fd)  # our own descriptor: closing it leaves libzmq's connection alone
-    except OSError:  # closed already (EBADF)
-        return None
-    try:
-        sock = socket.socket(fileno=dup)
-    except OSError:  # the number now names something that is not a socket
-        os.close(dup)
-        return None
-    try:
-        with sock:
-            address = sock.getpeername()
-    except OSError:  # not connected any more
-        return None
-    if isinstance(address, tuple) and len(address) >= 2:
-        host = f"[{address[0]}]" if ":" in str(address[0]) else str(address[0])
-        return f"{host}:{address[1]}"
-    return str(address) or None
-
-
-def _host_of(peer: str) -> str:
-    return peer.rsplit(":", 1)[0] if ":" in peer else peer
 
 
 def collector_lock_path(instance: str, shm_dir: str | None = None) -> str:
@@ -221,19 +177,13 @@ class Collector:
         self.curve = curve is not None
         self.stats = CollectorStats()
         self._curve_keys = curve
-        # Z85 public key (the frames' User-Id) -> its allow-list entry.
-        self._clients: dict[str, ClientKey] | None = (
-            None if curve is None else {c.public.decode("ascii"): c for c in curve.clients}
-        )
+        self._peers = PeerWatch(self.instance, self.stats, curve, warn_interval_s)
         self._shm_dir = shm_dir
         self._max_message_bytes = max_message_bytes
         self._frame_capacity = payload_capacity + frame_overhead_bytes(self.instance)
         self._takeover_ns = int(epoch_takeover_s * 1e9)
         self._decoder = FrameDecoder()
-        self._warnings = WarnLimiter(warn_interval_s)
-        self._peers: dict[int, str] = {}  # libzmq's fd -> "host:port", from EVENT_ACCEPTED
-        self._failure: tuple[str, str] | None = None  # (kind, detail) until its DISCONNECTED
-        self._ranks: dict[int, _RankState] = {}
+        self._ranks: dict[int, tuple[ShmWriter, RankOrder]] = {}
         self._latest: dict[int, LoadSnapshot] = {}
         self._retry_open_ns: dict[int, int] = {}
         self._stop = threading.Event()
@@ -267,20 +217,6 @@ class Collector:
 
     # --- receiving thread ---------------------------------------------------------------------
 
-    def _open_zap(self) -> zmq.Socket[bytes]:
-        # Bound before the PULL socket: libzmq admits every CURVE client when no ZAP handler
-        # is bound in the context, so no handshake may happen before this exists.
-        zap = self._context.socket(zmq.REP)
-        try:
-            zap.setsockopt(zmq.LINGER, 0)
-            zap.bind(ZAP_ENDPOINT)
-        except zmq.ZMQError as exc:
-            zap.close(linger=0)
-            raise TransportError(
-                f"cannot bind ZAP handler: {exc} (endpoint={ZAP_ENDPOINT})"
-            ) from exc
-        return zap
-
     def _open_socket(self) -> zmq.Socket[bytes]:
         sock = self._context.socket(zmq.PULL)
         try:
@@ -302,8 +238,8 @@ class Collector:
     def _run(self) -> None:
         zap: zmq.Socket[bytes] | None = None
         try:
-            if self._clients is not None:
-                zap = self._open_zap()
+            if self._peers.clients is not None:
+                zap = bind_zap_handler(self._context)
             sock = self._open_socket()
         except BaseException as exc:
             if zap is not None:
@@ -311,7 +247,7 @@ class Collector:
             self._start_error = exc
             self._ready.set()
             return
-        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+        monitor = sock.get_monitor_socket(MONITOR_EVENTS)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
@@ -325,9 +261,9 @@ class Collector:
                 # The monitor first: an accepted connection's address can only be read while
                 # its descriptor is open.
                 if monitor in events:
-                    self._drain_monitor(monitor)
+                    self._peers.drain_monitor(monitor)
                 if zap is not None and zap in events:
-                    self._answer_zap(zap)
+                    self._peers.answer_zap(zap)
                 if sock in events:
                     self._drain(sock)
                 if stats_file is not None:
@@ -357,73 +293,6 @@ class Collector:
         while sock.getsockopt(zmq.RCVMORE):
             sock.recv(zmq.NOBLOCK)  # the remaining parts of a message are already here
 
-    def _answer_zap(self, zap: zmq.Socket[bytes]) -> None:
-        clients = self._clients
-        assert clients is not None
-        while True:
-            try:
-                request = zap.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            decision = decide(request, clients)
-            zap.send_multipart(decision.reply)  # REP: one reply per request, in order
-            if decision.client is None:
-                self._warn(
-                    ("auth_rejected", decision.address),
-                    "CURVE handshake from %s failed: %s (key=%s)",
-                    decision.address or "?",
-                    decision.reason,
-                    decision.key or "-",
-                )
-
-    def _drain_monitor(self, monitor: zmq.Socket[bytes]) -> None:
-        stats = self.stats
-        while True:
-            try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            kind, value = event["event"], event["value"]
-            if kind == zmq.EVENT_ACCEPTED:
-                stats.connections += 1
-                peer = _peer_of(value)
-                if peer is not None:
-                    self._peers[value] = peer
-            elif kind == zmq.EVENT_DISCONNECTED:
-                stats.disconnects += 1
-                self._report_failure(self._peers.pop(value, None))
-            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                stats.handshakes += 1
-            elif kind & FAILED_EVENTS:
-                failure = describe_failure(kind, value, server=True, curve=self.curve)
-                setattr(stats, failure.kind, getattr(stats, failure.kind) + 1)
-                if kind != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # the ZAP handler named those
-                    # libzmq emits the connection's DISCONNECTED right after this event.
-                    self._failure = (failure.kind, failure.detail)
-
-    def _report_failure(self, peer: str | None) -> None:
-        if self._failure is None:
-            return
-        kind, detail = self._failure
-        self._failure = None
-        name = peer or _UNKNOWN_PEER
-        # One warning per host (ports change at each reconnect) and kind of failure.
-        self._warn(
-            (kind, _host_of(peer) if peer else None, detail),
-            "handshake from %s failed: %s",
-            name,
-            detail,
-        )
-
-    def _warn(self, key: tuple[object, ...], message: str, *args: object) -> None:
-        held = self._warnings.allow(key)
-        if held is None:
-            return
-        if held:
-            message += " (%d more like this held back)"
-            args = (*args, held)
-        log.warning(message, *args)
-
     def _handle(self, frame: bytes, received_mono_ns: int, meta: zmq.Frame | None = None) -> None:
         """Check one frame and relay it; every rejection is counted, none raises.
 
@@ -441,7 +310,7 @@ class Collector:
             return
         if head.instance != self.instance:
             stats.wrong_instance += 1
-            self._warn_dropped("wrong_instance", head.instance, meta)
+            self._peers.warn_dropped("wrong_instance", head.instance, meta)
             return
         try:
             snapshot = self._decoder.decode_snapshot(head)
@@ -452,31 +321,36 @@ class Collector:
         if rank >= self.dp_size:
             stats.rank_out_of_range += 1
             return
-        if self._clients is not None and not self._may_publish(rank, meta):
+        if not self._peers.may_publish(rank, meta):
             stats.rank_not_allowed += 1
-            self._warn_dropped("rank_not_allowed", rank, meta)
+            self._peers.warn_dropped("rank_not_allowed", rank, meta)
             return
-        state = self._ranks.get(rank)
-        if state is None:
+        known = self._ranks.get(rank)
+        if known is None:
             if received_mono_ns < self._retry_open_ns.get(rank, 0):
                 stats.relay_errors += 1
                 return
             try:
-                state = self._ranks[rank] = _RankState(self._open_rank(rank))
+                known = self._ranks[rank] = (self._open_rank(rank), RankOrder(self._takeover_ns))
             except LoadsnapError:
                 # E.g. a live local writer owns the slot: do not retry (a file lock) per frame.
                 self._retry_open_ns[rank] = received_mono_ns + OPEN_RETRY_NS
                 stats.relay_errors += 1
                 return
-        if not self._is_newer(state, snapshot, received_mono_ns):
+        writer, order = known
+        remote_epoch, remote_seq = snapshot.epoch, snapshot.seq
+        verdict = order.judge(remote_epoch, remote_seq, received_mono_ns)
+        if not verdict.relay:
+            setattr(stats, verdict.value, getattr(stats, verdict.value) + 1)
             return
-        remote_seq = snapshot.seq  # publish_relayed restamps seq with the slot's own sequence
+        if verdict is Order.TAKEOVER:
+            stats.epoch_takeovers += 1
         try:
-            state.writer.publish_relayed(snapshot, received_mono_ns)
+            writer.publish_relayed(snapshot, received_mono_ns)  # restamps seq with the slot's
         except LoadsnapError:
             stats.relay_errors += 1
             return
-        state.epoch, state.seq, state.heard_mono_ns = snapshot.epoch, remote_seq, received_mono_ns
+        order.relayed(remote_epoch, remote_seq, received_mono_ns)
         self._latest[rank] = snapshot
         stats.relayed += 1
 
@@ -485,59 +359,6 @@ class Collector:
             self.stats.invalid += 1
         else:
             self.stats.undecodable += 1
-
-    def _client_of(self, meta: zmq.Frame | None) -> ClientKey | None:
-        if meta is None or self._clients is None:
-            return None
-        try:
-            user_id = meta.get("User-Id")
-        except zmq.ZMQError:  # no User-Id: not admitted by our ZAP handler
-            return None
-        return self._clients.get(str(user_id))
-
-    def _may_publish(self, rank: int, meta: zmq.Frame | None) -> bool:
-        client = self._client_of(meta)
-        return client is not None and rank in client.ranks
-
-    def _warn_dropped(self, reason: str, value: object, meta: zmq.Frame | None) -> None:
-        peer = "?"
-        if meta is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                peer = str(meta.get("Peer-Address"))
-        if reason == "wrong_instance":
-            found = "no instance" if value is None else f"instance={value!r}"
-            self._warn(
-                (reason, peer, value),
-                "dropped frames from %s: %s, this collector serves instance=%r",
-                peer,
-                found,
-                self.instance,
-            )
-            return
-        client = self._client_of(meta)
-        self._warn(
-            (reason, peer, value),
-            "dropped frames from %s: dp_rank=%s not allowed for CURVE key %s (ranks=%s)",
-            peer,
-            value,
-            client.name if client is not None else "?",
-            client.ranks if client is not None else "-",
-        )
-
-    def _is_newer(self, state: _RankState, snapshot: LoadSnapshot, now_ns: int) -> bool:
-        epoch, seq = snapshot.epoch, snapshot.seq
-        if epoch == state.epoch:
-            if seq > state.seq:
-                return True
-            self.stats.out_of_order += 1
-            return False
-        if epoch > state.epoch:
-            return True
-        if now_ns - state.heard_mono_ns >= self._takeover_ns:
-            self.stats.epoch_takeovers += 1
-            return True
-        self.stats.stale_epoch += 1
-        return False
 
     def _open_rank(self, rank: int) -> ShmWriter:
         return ShmWriter(
@@ -586,9 +407,9 @@ class Collector:
         self._context.term()
         if self._stats_file is not None:
             self._stats_file.close()
-        for state in self._ranks.values():
+        for writer, _ in self._ranks.values():
             with contextlib.suppress(LoadsnapError):
-                state.writer.close()
+                writer.close()
         self._ranks.clear()
         # Removed while held (LockFile re-checks the inode), so no /dev/shm entry outlives us.
         self._lock.release(remove=True)
