@@ -247,11 +247,6 @@ class LoadsnapCollector:
                 name, documentation, kind, tuple(labelnames), read
             )
 
-    def remove_provider(self, name: str) -> None:
-        """Stop exporting ``name``. Idempotent."""
-        with self._lock:
-            self._providers.pop(name, None)
-
     def describe(self) -> list[Metric]:
         """Nothing: registration must not read the source (prometheus_client then skips the
         duplicate-name check for this collector)."""

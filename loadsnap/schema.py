@@ -90,7 +90,8 @@ class QueueSection(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class LoadSnapshot(msgspec.Struct, kw_only=True):
-    """One DP rank's load at one instant. Immutable by convention; writers stamp identity.
+    """One DP rank's load at one instant. A plain mutable struct: ``publish`` stamps ``seq``,
+    ``epoch`` and the publish times into the object it is given.
 
     Core fields match the reference ``/v1/loads`` names. Identity and freshness fields
     (``seq``, ``epoch``, ``publish_mono_ns``, ``publish_wall_ns``) are stamped by the writer at

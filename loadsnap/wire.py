@@ -13,29 +13,11 @@ from loadsnap.schema import LoadSnapshot
 
 __all__ = [
     "SnapshotDecoder",
-    "SnapshotEncoder",
     "check_publishable",
     "decode_snapshot",
     "encode_snapshot",
     "wire_error",
 ]
-
-
-class SnapshotEncoder:
-    """Reusable msgpack encoder. Not thread-safe (one per writer)."""
-
-    __slots__ = ("_encoder",)
-
-    def __init__(self) -> None:
-        self._encoder = msgspec.msgpack.Encoder()
-
-    def encode(self, snapshot: LoadSnapshot) -> bytes:
-        """Return the msgpack bytes of ``snapshot``."""
-        return self._encoder.encode(snapshot)
-
-    def encode_into(self, snapshot: LoadSnapshot, buffer: bytearray, offset: int) -> None:
-        """Encode at ``buffer[offset:]``; the buffer is truncated to the end of the message."""
-        self._encoder.encode_into(snapshot, buffer, offset)
 
 
 # msgspec 0.22 raises UnicodeDecodeError (not DecodeError) for invalid UTF-8.
@@ -77,7 +59,7 @@ class SnapshotDecoder:
             raise wire_error(exc, "snapshot") from exc
 
 
-_ENCODER = SnapshotEncoder()
+_ENCODER: Final = msgspec.msgpack.Encoder()
 _DECODER = SnapshotDecoder()
 
 

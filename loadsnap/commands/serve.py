@@ -97,7 +97,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {base}/v1/loads  {base}/v1/loads?format=prometheus", flush=True)
     print(f"  {base}/metrics  {base}/healthz", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    server.run(sockets=[sock])  # the socket bound above: no window for another process
+    try:
+        server.run(sockets=[sock])  # the socket bound above: no window for another process
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it captured, once it stopped
+        pass
+    finally:
+        sock.close()
     return 0
 
 

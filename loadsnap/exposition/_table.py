@@ -23,13 +23,6 @@ _STATUS_STYLE: Final[dict[SlotStatus, str]] = {
 }
 
 
-def _require_rich() -> None:
-    try:
-        import rich  # noqa: F401
-    except ImportError:
-        raise ImportError("the live table needs rich: install loadsnap[rich]") from None
-
-
 def _bar(fraction: float, width: int = BAR_WIDTH) -> str:
     fraction = min(max(fraction, 0.0), 1.0)
     filled = round(fraction * width)
@@ -47,7 +40,6 @@ def render_table(reads: Iterable[SlotRead], title: str = "loadsnap") -> Table:
     ImportError
         rich is not installed.
     """
-    _require_rich()
     from rich.table import Table
 
     ordered = sorted(reads, key=lambda r: r.rank)
