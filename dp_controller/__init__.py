@@ -15,7 +15,6 @@ from dp_controller.budget import (
     DPBudget,
     Policy,
     StalePolicy,
-    check_publish_period,
 )
 from dp_controller.dispatching import Dispatch, Dispatcher
 from dp_controller.ledger import DispatchLedger, LedgerStats
@@ -37,7 +36,6 @@ __all__ = [
     "StalePolicy",
     "TraceRequest",
     "WorkloadSpec",
-    "check_publish_period",
     "generate_trace",
     "preset",
 ]

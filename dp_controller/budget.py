@@ -90,7 +90,6 @@ __all__ = [  # the policy names are re-exported: callers import them from here
     "Outstanding",
     "Policy",
     "StalePolicy",
-    "check_publish_period",
     "length_class",
 ]
 
@@ -153,19 +152,6 @@ class BudgetStats:
     def as_dict(self) -> dict[str, int]:
         """The counters by name."""
         return {name: int(getattr(self, name)) for name in self.__slots__}
-
-
-def check_publish_period(publish_period_s: float, stale_after_s: float) -> bool:
-    """Log a warning and return False when ranks would turn stale between two publishes."""
-    if publish_period_s > stale_after_s:
-        log.warning(
-            "publish period longer than the staleness budget: publish_period_s=%.3f "
-            "stale_after_s=%.3f; ranks will flip to stale between publishes",
-            publish_period_s,
-            stale_after_s,
-        )
-        return False
-    return True
 
 
 class DPBudget:
