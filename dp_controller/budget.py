@@ -68,7 +68,13 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from dp_controller.dispatching import Clock, Dispatch, monotonic_clock
+from dp_controller.dispatching import (
+    Clock,
+    Dispatch,
+    RankChanges,
+    monotonic_clock,
+    read_acknowledged,
+)
 from dp_controller.ledger import DispatchLedger
 from dp_controller.outstanding import Outstanding, length_class
 from dp_controller.policy import (
@@ -218,6 +224,9 @@ class DPBudget:
         self._penalty = np.zeros(n)
         self._fail_open = True
         self._rr_ranks: list[int] = list(range(n))
+        # What changes() reports: whether a table was taken since, and the ranks restarted.
+        self._changed = False
+        self._restarted: set[int] = set()
         self._update_masks()
 
     # --- state --------------------------------------------------------------------------------
@@ -236,6 +245,41 @@ class DPBudget:
     def epochs(self) -> npt.NDArray[np.uint64]:
         """Each rank's last accepted epoch (0 until a record was accepted); a copy."""
         return self._epoch.copy()
+
+    def changes(self, *, refresh: bool = False) -> RankChanges | None:
+        """The ranks dead at the latest refresh and those restarted since the previous call;
+        ``None`` when no hot table was taken since then (a source error takes none; one of the
+        wrong size reports the previous standing again). With
+        ``refresh``, first :meth:`refresh` (throttled)."""
+        if refresh:
+            self.refresh()
+        if not self._changed:
+            return None
+        self._changed = False
+        restarted, self._restarted = self._restarted, set()
+        dead = np.flatnonzero(self.health == RankHealth.DEAD).tolist()
+        return RankChanges(frozenset(dead), frozenset(restarted))
+
+    def take_over(self) -> list[int]:
+        """Continue each rank's numbering after the acknowledgement its scheduler reports
+        (:meth:`~dp_controller.ledger.DispatchLedger.rebase` where it is ahead of the ledger),
+        then refresh; :meth:`changes` starts from this refresh. Returns, per rank, the sequence
+        continued after (0: unchanged). Acknowledgements at or below the new floor are ignored
+        later: no clamping is counted."""
+        ledger = self.ledger
+        seqs = [0] * self._n
+        for rank, ack in enumerate(read_acknowledged(self.source, self._n)):
+            if ack > ledger.issued(rank):
+                ledger.rebase(rank, ack)
+                seqs[rank] = ack
+        self.refresh(force=True)
+        self._changed = False
+        self._restarted.clear()
+        return seqs
+
+    def unacknowledged(self) -> list[int]:
+        """Per rank, dispatches not yet acknowledged by its scheduler (a copy)."""
+        return list(self.ledger.count_list)
 
     def budget_requests(self) -> npt.NDArray[np.float64]:
         """Per-rank requests: reported running + waiting plus unacknowledged dispatches."""
@@ -270,6 +314,7 @@ class DPBudget:
     def apply_table(self, table: HotTable) -> None:
         """Take a hot table's numbers (what :meth:`refresh` does after reading)."""
         self.stats.refreshes += 1
+        self._changed = True
         n = self._n
         if table.dp_size != n:
             self.stats.source_errors += 1
@@ -283,6 +328,7 @@ class DPBudget:
         newer_epoch = valid & (epoch > known)
         restarted = newer_epoch & (known != 0)
         for rank in np.flatnonzero(restarted).tolist():
+            self._restarted.add(rank)
             self.ledger.reset_rank(rank)
             self.outstanding.reset_rank(rank)
             self.stats.epoch_resets += 1

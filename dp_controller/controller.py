@@ -11,29 +11,29 @@ deadline, keeps at most ``max_concurrency`` commands in flight, and returns a pe
 so one hung scheduler costs the call at most its timeout.
 
 Every request ends in exactly one result from :meth:`Controller.poll`. The controller keeps
-``rid -> (dispatch_seq, ...)`` per rank for the requests in flight. With a
-:class:`~dp_controller.budget.DPBudget` it also watches the ranks, once per budget refresh (never
-per request): a rank seen dead (its writer is gone) or with a new epoch (a restarted process
-lost what the old one held) has every request in flight on it reported as a
-``Finished(status="failed", reason=...)`` (:class:`FailureReason`), on the same path as the
-schedulers' results. Results already delivered are drained first, so a request finished just
-before its scheduler died is reported finished; the rank's request socket is then replaced, so
-what still waited in the pipe is dropped instead of being served by a restarted process. A
-scheduler's result that arrives after its request was reported failed (it was in transit) is
-dropped and counted in ``late_results``: no request is reported twice. A result is matched on
-``(dp_rank, rid, dispatch_seq)``, so another controller's result is never taken for one of ours
-(``unknown_results``).
+``rid -> (dispatch_seq, ...)`` per rank for the requests in flight, and talks to its dispatcher
+through the :class:`~dp_controller.dispatching.Dispatcher` protocol only. Once per dispatcher
+refresh (never per request) it asks which ranks were lost (:meth:`Dispatcher.changes`): a rank
+seen dead (its writer is gone) or with a new epoch (a restarted process lost what the old one
+held) has every request in flight on it reported as a ``Finished(status="failed",
+reason=...)`` (:class:`FailureReason`), on the same path as the schedulers' results. Results
+already delivered are drained first, so a request finished just before its scheduler died is
+reported finished; the rank's request socket is then replaced, so what still waited in the pipe
+is dropped instead of being served by a restarted process. A scheduler's result that arrives
+after its request was reported failed (it was in transit) is dropped and counted in
+``late_results``: no request is reported twice. A result is matched on ``(dp_rank, rid,
+dispatch_seq)``, so another controller's result is never taken for one of ours
+(``unknown_results``). The baselines report no lost ranks (``dp_controller.baselines``).
 
-Every request is dispatched with its ``max_new_tokens`` (``Dispatcher.dispatch``), and every
-result a :class:`~dp_controller.budget.DPBudget` dispatcher handed out, the scheduler's or one
-the controller made for a dead or restarted rank, is reported back to it
-(:meth:`~dp_controller.budget.DPBudget.complete`), the moment it is taken: the
-``length_aware`` policy counts what is outstanding per rank from these, not from snapshots.
+Every request is dispatched with its ``max_new_tokens``, and every result, the scheduler's or
+one the controller made for a dead or restarted rank, is reported back to the dispatcher
+(:meth:`Dispatcher.complete`) the moment it is taken: the ``length_aware`` policy counts what
+is outstanding per rank from these, not from snapshots.
 
 Taking over: a new controller against running schedulers (the previous one crashed or closed)
-reads each rank's ``last_accepted_dispatch_seq`` at start and continues that rank's numbering
-after it (:meth:`~dp_controller.ledger.DispatchLedger.rebase`), so the schedulers' contiguous
-acknowledgements cover the new requests at once instead of running ahead of a ledger that
+has its dispatcher continue each rank's numbering after the scheduler's
+``last_accepted_dispatch_seq`` at start (:meth:`Dispatcher.take_over`), so the schedulers'
+contiguous acknowledgements cover the new requests at once instead of running ahead of a ledger that
 restarted at 1.
 """
 
@@ -48,14 +48,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import msgspec
-import numpy as np
 import zmq
 
-from dp_controller.budget import DPBudget, RankHealth
-from dp_controller.dispatching import Clock, Dispatch, Dispatcher, monotonic_clock
+from dp_controller.dispatching import Clock, Dispatch, Dispatcher, RankChanges, monotonic_clock
 from dp_controller.workload import TraceRequest
-from loadsnap.errors import LoadsnapError, TransportError, UsageError
-from loadsnap.reading import HotTable
+from loadsnap.errors import TransportError, UsageError
 from scheduler.messages import (
     Control,
     ControlReply,
@@ -168,14 +165,15 @@ class Controller:
     Every submitted request ends in exactly one result from :meth:`poll`: the scheduler's
     ``Finished``, or, when its rank dies or restarts first, a ``Finished`` with
     ``status="failed"`` and a :class:`FailureReason` value in ``reason`` (dead and restarted
-    ranks are watched only with a :class:`~dp_controller.DPBudget` dispatcher). A controller
-    started against running schedulers continues their dispatch numbering (module docstring).
+    ranks are those the dispatcher reports; the baselines report none). A controller started
+    against running schedulers continues their dispatch numbering (module docstring).
 
     Parameters
     ----------
     dispatcher:
-        Chooses ranks (:class:`~dp_controller.DPBudget`, a baseline, ...). A ``DPBudget`` should
-        be new: the controller reads its source at start to continue each rank's numbering.
+        Chooses ranks (any :class:`~dp_controller.dispatching.Dispatcher`: the budget, a
+        baseline, ...); best new: the controller has it take over each rank's numbering at
+        start (:meth:`Dispatcher.take_over`).
     request_addrs:
         One ZMQ address per rank, where that rank's scheduler binds its request PULL.
     result_addr:
@@ -242,6 +240,7 @@ class Controller:
         self._finished: list[Finished] = []
         self._replies: list[ControlReply] = []
         self.outstanding = [0] * n  # dispatched and not finished (nor reported failed), per rank
+        self.dispatched = [0] * n  # requests this controller sent, per rank (a counter)
         self._inflight: list[dict[int, _InFlight]] = [{} for _ in range(n)]
         self._failed: dict[int, tuple[int, int]] = {}  # rid -> (rank, seq), the latest failures
         self.bad_messages = 0
@@ -251,16 +250,11 @@ class Controller:
         self.unknown_results = 0  # a result for no request of ours (e.g. a previous controller's)
         # Per rank, the acknowledged sequence this controller's numbering continued after.
         self.takeover_seqs = [0] * n
-        self._budget = dispatcher if isinstance(dispatcher, DPBudget) else None
-        # What the rank watch last saw: the budget's refresh count and each rank's epoch.
-        self._epochs = np.zeros(n, dtype=np.uint64)
-        self._seen_refreshes = -1
-        if self._budget is not None:
-            try:
-                self._take_over(self._budget)
-            except BaseException:
-                self.close()
-                raise
+        try:
+            self._take_over()
+        except BaseException:
+            self.close()
+            raise
 
     def _connect(self, addr: str, send_hwm: int) -> zmq.Socket[bytes]:
         push = self._ctx.socket(zmq.PUSH)
@@ -296,47 +290,23 @@ class Controller:
 
     # --- rank watch -------------------------------------------------------------------------
 
-    def _take_over(self, budget: DPBudget) -> None:
+    def _take_over(self) -> None:
         """Continue each rank's numbering after what its scheduler already acknowledged."""
-        table: HotTable | None = None
-        try:
-            table = budget.source.hot_table()
-        except LoadsnapError as exc:
-            log.debug("no load source at start, numbering from 1: %s", exc)
-        if table is not None and table.dp_size == self.dp_size:
-            ledger = budget.ledger
-            acks = table.last_accepted_dispatch_seq
-            for rank in np.flatnonzero(table.valid).tolist():
-                ack = int(acks[rank])
-                if ack > ledger.issued(rank):
-                    ledger.rebase(rank, ack)
-                    self.takeover_seqs[rank] = ack
-            if any(self.takeover_seqs):
-                log.info("continuing dispatch numbering: after=%s", self.takeover_seqs)
-        # Acknowledgements at or below the new floor are ignored: no clamping is counted.
-        budget.refresh(force=True)
-        self._seen_refreshes = budget.stats.refreshes
-        self._epochs = budget.epochs
+        self.takeover_seqs = self.dispatcher.take_over()
+        if any(self.takeover_seqs):
+            log.info("continuing dispatch numbering: after=%s", self.takeover_seqs)
 
-    def _watch(self, budget: DPBudget) -> None:
-        """After a budget refresh: fail what dead or restarted ranks held (the budget's view:
-        its health, and its last accepted epoch per rank; 0 before a rank's first record)."""
-        self._seen_refreshes = budget.stats.refreshes
-        epochs = budget.epochs
-        known = self._epochs
-        restarted = (epochs != known) & (known != 0)
-        self._epochs = epochs
-        dead = budget.health == RankHealth.DEAD
-        lost = dead | restarted
-        if not lost.any():
-            return
-        ranks = [r for r in np.flatnonzero(lost).tolist() if self._inflight[r]]
+    def _watch(self, changes: RankChanges) -> None:
+        """Fail what the ranks the dispatcher reports dead or restarted held."""
+        dead = changes.dead
+        lost = dead | changes.restarted
+        ranks = [r for r in sorted(lost) if 0 <= r < self.dp_size and self._inflight[r]]
         if not ranks:
             return
         # Results already delivered count as finished: take them before declaring the rest.
         self._drain()
         for rank in ranks:
-            reason = FailureReason.RANK_DEAD if dead[rank] else FailureReason.RANK_RESTARTED
+            reason = FailureReason.RANK_DEAD if rank in dead else FailureReason.RANK_RESTARTED
             self._fail_rank(rank, reason)
 
     def _fail_rank(self, rank: int, reason: FailureReason) -> None:
@@ -345,10 +315,9 @@ class Controller:
             return
         now = self._clock()
         failed, out = self._failed, self._finished
-        budget = self._budget
+        complete = self.dispatcher.complete
         for rid, (seq, prompt_len, t0) in pending.items():
-            if budget is not None:
-                budget.complete(rank, seq)
+            complete(rank, seq)
             out.append(
                 Finished(
                     rid=rid,
@@ -394,8 +363,7 @@ class Controller:
             return
         del self._inflight[rank][rid]
         self.outstanding[rank] -= 1
-        if self._budget is not None:
-            self._budget.complete(rank, message.dispatch_seq)
+        self.dispatcher.complete(rank, message.dispatch_seq)
         self._finished.append(message)
 
     # --- sending ----------------------------------------------------------------------------
@@ -459,9 +427,9 @@ class Controller:
             raise UsageError(f"dp_rank out of range: dp_rank={rank} dp_size={self.dp_size}")
         est = len(prompt) + max_new_tokens if est_tokens is None else est_tokens
         decision = self.dispatcher.dispatch(est, rank, max_new_tokens=max_new_tokens)
-        budget = self._budget
-        if budget is not None and budget.stats.refreshes != self._seen_refreshes:
-            self._watch(budget)  # before this request is in flight: it went to the live process
+        changes = self.dispatcher.changes()
+        if changes is not None:
+            self._watch(changes)  # before this request is in flight: it went to the live process
         rid = next(self._rids)
         now = self._clock()
         request = Request(
@@ -475,6 +443,7 @@ class Controller:
         self._send(decision.rank, encode_message(request))
         self._inflight[decision.rank][rid] = (decision.seq, len(prompt), now)
         self.outstanding[decision.rank] += 1
+        self.dispatched[decision.rank] += 1
         return rid, decision
 
     def in_flight(self, rank: int) -> list[int]:
@@ -485,18 +454,16 @@ class Controller:
 
     def _receive(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for one message, drain what is ready, then watch the ranks
-        (refreshing the budget if its interval passed); True if any message came."""
+        (the dispatcher refreshes if its interval passed); True if any message came."""
         if self._pull is None:
             raise UsageError("controller is closed")
         for rank, backlog in enumerate(self._backlog):
             if backlog:
                 self._flush(rank)
         got = bool(self._poller.poll(max(0, int(timeout_s * 1000)))) and self._drain()
-        budget = self._budget
-        if budget is not None:
-            budget.refresh()
-            if budget.stats.refreshes != self._seen_refreshes:
-                self._watch(budget)
+        changes = self.dispatcher.changes(refresh=True)
+        if changes is not None:
+            self._watch(changes)
         return got
 
     def _drain(self) -> bool:
