@@ -28,9 +28,10 @@ from dp_controller.budget import (
     Policy,
     StalePolicy,
 )
-from dp_controller.controller import Controller, TraceRun, imbalance
+from dp_controller.controller import Controller
 from dp_controller.dispatching import Dispatcher
 from dp_controller.fleet import SchedulerFleet
+from dp_controller.harness.replay import TraceRun, imbalance, replay
 from dp_controller.workload import PRESETS, generate_trace, preset
 from loadsnap.errors import LoadsnapError, UsageError
 from loadsnap.reading import DEFAULT_STALE_AFTER_S
@@ -204,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
             dispatcher = make_dispatcher(args.policy, reader, args.dp_size, config)
             with Controller(dispatcher, request_addrs, result_addr) as controller:
                 report = summary(
-                    controller.run_trace(trace, drain_timeout_s=args.drain_timeout_s),
+                    replay(controller, trace, drain_timeout_s=args.drain_timeout_s),
                     args.dp_size,
                 )
                 report["policy"] = args.policy
