@@ -16,7 +16,7 @@ from dp_controller.budget import (
     Policy,
     StalePolicy,
 )
-from dp_controller.dispatching import Dispatch, Dispatcher
+from dp_controller.dispatching import Dispatch, Dispatcher, RankChanges
 from dp_controller.ledger import DispatchLedger, LedgerStats
 from dp_controller.workload import TraceRequest, WorkloadSpec, generate_trace, preset
 
@@ -32,6 +32,7 @@ __all__ = [
     "LedgerStats",
     "OverwriteBudget",
     "Policy",
+    "RankChanges",
     "RoundRobinBaseline",
     "StalePolicy",
     "TraceRequest",
