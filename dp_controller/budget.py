@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-``DPBudget`` composes four parts: the records it accepted from the hot table and the
+``DPBudget`` composes: the records it accepted from the hot table and the
 :class:`~dp_controller.rankview.RankView` each refresh builds from them
 (:mod:`dp_controller.rankview`), the :class:`~dp_controller.ledger.DispatchLedger` of
 unacknowledged dispatches (and, for ``LENGTH_AWARE``, what is outstanding), and the policy's
