@@ -181,6 +181,7 @@ class Controller:
         self._clock = clock
         self._results: ResultPipe | None = None
         self._pipes: RankPipes | None = None
+        self._closed = False
         try:
             self._results = ResultPipe(self._ctx, result_addr)
             self._pipes = RankPipes(self._ctx, request_addrs, send_hwm)
@@ -207,6 +208,7 @@ class Controller:
 
     def close(self) -> None:
         """Close every socket (linger 0) and the context if this controller made it."""
+        self._closed = True
         if self._pipes is not None:
             self._pipes.close()
         if self._results is not None:
@@ -295,7 +297,7 @@ class Controller:
 
     def _open_pipes(self) -> RankPipes:
         pipes = self._pipes
-        if pipes is None or self._results is None or self._results.closed:
+        if pipes is None or self._closed:
             raise UsageError("controller is closed")
         return pipes
 
@@ -333,10 +335,13 @@ class Controller:
             raise UsageError(f"max_new_tokens must be >= 1: max_new_tokens={max_new_tokens}")
         if rank is not None and not 0 <= rank < self.dp_size:
             raise UsageError(f"dp_rank out of range: dp_rank={rank} dp_size={self.dp_size}")
-        pipes = self._open_pipes()
+        pipes = self._pipes
+        if pipes is None or self._closed:
+            raise UsageError("controller is closed")
         est = len(prompt) + max_new_tokens if est_tokens is None else est_tokens
         dispatcher = self.dispatcher
         decision = dispatcher.dispatch(est, rank, max_new_tokens=max_new_tokens)
+        chosen, seq = decision
         changes = dispatcher.changes()
         if changes is not None:
             self._watch(changes)  # before this request is in flight: it went to the live process
@@ -344,14 +349,14 @@ class Controller:
         now = self._clock()
         request = Request(
             rid=rid,
-            dispatch_seq=decision.seq,
+            dispatch_seq=seq,
             prompt=prompt,
             max_new_tokens=max_new_tokens,
             dispatched_mono_ns=now,
             pinned=rank is not None,
         )
-        pipes.send(decision.rank, encode_message(request))
-        self._inflight.add(decision.rank, rid, decision.seq, len(prompt), now)
+        pipes.send(chosen, encode_message(request))
+        self._inflight.add(chosen, rid, seq, len(prompt), now)
         return rid, decision
 
     def in_flight(self, rank: int) -> list[int]:
