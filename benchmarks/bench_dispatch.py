@@ -61,9 +61,10 @@ from benchmarks._common import (
 )
 from dp_controller.budget import CONTROLLER_POLICY, BudgetConfig, DPBudget, Policy
 from dp_controller.cli import make_dispatcher
-from dp_controller.controller import Controller, TraceRun
+from dp_controller.controller import Controller
 from dp_controller.dispatching import Dispatch, Dispatcher
 from dp_controller.harness.fleet import SchedulerFleet
+from dp_controller.harness.replay import TraceRun, replay
 from dp_controller.harness.workload import generate_trace, preset
 from loadsnap.shm_reader import ShmReader
 from loadsnap.testing import FakeSource
@@ -176,7 +177,7 @@ def run_trace(policy: str, dp_size: int, duration_s: float) -> TraceRun:
         with ShmReader(instance) as reader:
             dispatcher = make_dispatcher(policy, reader, dp_size, BudgetConfig())
             with Controller(dispatcher, fleet.request_addrs, fleet.result_addr) as controller:
-                return controller.run_trace(trace, drain_timeout_s=20.0)
+                return replay(controller, trace, drain_timeout_s=20.0)
 
 
 def _percentile(ordered: Sequence[float], pct: float) -> float | None:

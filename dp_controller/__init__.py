@@ -15,9 +15,8 @@ from dp_controller.budget import (
     DPBudget,
     Policy,
     StalePolicy,
-    check_publish_period,
 )
-from dp_controller.dispatching import Dispatch, Dispatcher
+from dp_controller.dispatching import Dispatch, Dispatcher, RankChanges
 from dp_controller.ledger import DispatchLedger, LedgerStats
 
 __all__ = [
@@ -32,7 +31,7 @@ __all__ = [
     "LedgerStats",
     "OverwriteBudget",
     "Policy",
+    "RankChanges",
     "RoundRobinBaseline",
     "StalePolicy",
-    "check_publish_period",
 ]

@@ -10,13 +10,25 @@ not yet seen by a scheduler vanish at the next refresh, so bursts herd onto one 
 :class:`RoundRobinBaseline` is the load-unaware dispatcher a deployment falls back to: rank after
 rank, reading nothing, so it never learns that a rank died.
 
-Both still number dispatches per rank, because the schedulers require gap-free sequences.
+Both still number dispatches per rank, because the schedulers require gap-free sequences. As
+dispatchers (:class:`~dp_controller.dispatching.Dispatcher`) they report no rank changes
+(``changes()`` is always ``None``: neither has a notion of a dead or restarted rank, so a
+controller over them fails nothing, and its requests on a dead rank never get a result), ignore
+completions and keep no ledger. ``OverwriteBudget`` continues each rank's numbering after the
+scheduler's acknowledgement at takeover (it reads the same source); ``RoundRobinBaseline`` reads
+nothing and numbers from 1.
 """
 
 from __future__ import annotations
 
 from dp_controller.budget import DEFAULT_REFRESH_INTERVAL_S
-from dp_controller.dispatching import Clock, Dispatch, monotonic_clock
+from dp_controller.dispatching import (
+    Clock,
+    Dispatch,
+    RankChanges,
+    monotonic_clock,
+    read_acknowledged,
+)
 from loadsnap.errors import LoadsnapError, UsageError
 from loadsnap.reading import SnapshotSource
 
@@ -79,6 +91,27 @@ class OverwriteBudget:
             self.counts = (table.num_running_reqs + table.num_waiting_reqs).astype(int).tolist()
         return True
 
+    def complete(self, rank: int, seq: int) -> bool:
+        """Ignored (the counts come from snapshots only): always False."""
+        return False
+
+    def changes(self, *, refresh: bool = False) -> RankChanges | None:
+        """Always ``None``: the reference design watches no rank (and reads only to decide)."""
+        return None
+
+    def take_over(self) -> list[int]:
+        """Continue each rank's numbering after its scheduler's acknowledgement; return, per
+        rank, the sequence continued after (0: unchanged)."""
+        seqs = [0] * self._n
+        for rank, ack in enumerate(read_acknowledged(self.source, self._n)):
+            if ack > self._seq[rank]:
+                self._seq[rank] = seqs[rank] = ack
+        return seqs
+
+    def unacknowledged(self) -> None:
+        """No ledger: always ``None``."""
+        return None
+
     def dispatch(
         self, est_tokens: int, rank: int | None = None, *, max_new_tokens: int | None = None
     ) -> Dispatch:
@@ -122,6 +155,22 @@ class RoundRobinBaseline:
     def refresh(self, force: bool = False) -> bool:
         """Nothing to read: always False."""
         return False
+
+    def complete(self, rank: int, seq: int) -> bool:
+        """Ignored: always False."""
+        return False
+
+    def changes(self, *, refresh: bool = False) -> RankChanges | None:
+        """Always ``None``: it reads nothing, so it never learns of a dead or restarted rank."""
+        return None
+
+    def take_over(self) -> list[int]:
+        """Nothing to read: numbering continues from where it is (all 0)."""
+        return [0] * self._n
+
+    def unacknowledged(self) -> None:
+        """No ledger: always ``None``."""
+        return None
 
     def dispatch(
         self, est_tokens: int, rank: int | None = None, *, max_new_tokens: int | None = None

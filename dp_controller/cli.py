@@ -27,9 +27,10 @@ from dp_controller.budget import (
     Policy,
     StalePolicy,
 )
-from dp_controller.controller import Controller, TraceRun, imbalance
+from dp_controller.controller import Controller
 from dp_controller.dispatching import Dispatcher
 from dp_controller.harness.fleet import SchedulerFleet
+from dp_controller.harness.replay import TraceRun, imbalance, replay
 from dp_controller.harness.workload import PRESETS, generate_trace, preset
 from loadsnap import flags
 from loadsnap.errors import LoadsnapError, UsageError
@@ -255,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
             dispatcher = make_dispatcher(args.policy, reader, args.dp_size, config)
             with Controller(dispatcher, request_addrs, result_addr) as controller:
                 report = summary(
-                    controller.run_trace(trace, drain_timeout_s=args.drain_timeout_s),
+                    replay(controller, trace, drain_timeout_s=args.drain_timeout_s),
                     args.dp_size,
                 )
                 report["policy"] = args.policy

@@ -279,49 +279,6 @@ def test_scores_pack_the_rule_and_mark_ineligible_ranks() -> None:
     assert budget.scores(50)[0] == 50 / 100.0**2 * 100 + 3.0 * 1  # class 0: none of it held
 
 
-@settings(max_examples=100, deadline=None)
-@given(
-    st.lists(
-        st.tuples(
-            st.integers(-1, 3),  # pinned rank, or -1: chosen
-            st.integers(0, 2000),
-            st.sampled_from([None, 8, 32, 64, 128]),
-            st.booleans(),  # complete the oldest outstanding of the chosen rank afterwards
-        ),
-        max_size=40,
-    ),
-    st.integers(0, 3000),
-    st.sampled_from([None, 32, 128]),
-    st.integers(0, 2),
-    st.booleans(),
-)
-def test_scalar_and_vector_paths_choose_the_same_rank(
-    ops: list[tuple[int, int, int | None, bool]],
-    prompt: int,
-    out: int | None,
-    slack: int,
-    dead: bool,
-) -> None:
-    budget, source, _ = _make(4, request_slack=slack)
-    budget.outstanding = type(budget.outstanding)(4, arrays=True)  # the large-dp arrays too
-    for pin, p, m, done in ops:
-        est = p + (m or 0)
-        d = budget.dispatch(est, None if pin < 0 else pin, max_new_tokens=m)
-        if done:
-            budget.complete(d.rank, budget.outstanding.seqs(d.rank)[0])
-    source.dead[3] = dead
-    budget.refresh()
-    cls = length_class(out)
-    for _ in range(6):
-        cursor = budget._cursor
-        scalar = budget._choose_length(cls, prompt)
-        budget._cursor = cursor
-        assert budget._argmin(budget._length_scores(cls, prompt)) == scalar
-        budget._cursor = cursor
-        est = prompt + (out or 0)
-        assert budget._argmin(budget.scores(est, max_new_tokens=out)) == scalar
-
-
 def test_large_deployments_take_the_vector_path() -> None:
     n = SCALAR_MAX_DP + 8
     budget, _, _ = _make(n, request_slack=0)

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-from dp_controller import BudgetConfig, DPBudget, Policy
+from dp_controller import BudgetConfig, DPBudget, OverwriteBudget, Policy
 from dp_controller.controller import Controller, FailureReason
+from dp_controller.dispatching import Dispatcher
 from dp_controller.ledger import DispatchLedger
 from loadsnap.errors import UsageError
 from loadsnap.testing import FakeClock, FakeSource
@@ -75,6 +76,8 @@ class Rig:
         dp_size: int,
         acks: list[int] | None = None,
         policy: Policy = Policy.TOTAL_REQUESTS,
+        *,
+        overwrite: bool = False,
     ) -> None:
         self.clock = FakeClock()
         self.source = FakeSource(dp_size, self.clock, stale_after_s=1.0)
@@ -83,10 +86,13 @@ class Rig:
             self.source.publish(rank, epoch=1, last_accepted_dispatch_seq=ack)
         config = BudgetConfig(policy=policy, refresh_interval_s=0.0)
         self.budget = DPBudget(self.source, config, clock=self.clock)
+        dispatcher: Dispatcher = self.budget
+        if overwrite:
+            dispatcher = OverwriteBudget(self.source, 0.0, clock=self.clock)
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         req = [f"ipc://{tmp}/req-{r}" for r in range(dp_size)]
         res = f"ipc://{tmp}/res"
-        self.controller = Controller(self.budget, req, res)
+        self.controller = Controller(dispatcher, req, res)
         self.ranks = [FakeRank(self.ctx, r, req[r], res) for r in range(dp_size)]
 
     def close(self) -> None:
@@ -189,6 +195,26 @@ def test_new_controller_continues_numbering_after_acknowledgements(tmp_path: Pat
         rig.source.publish(0, epoch=1, last_accepted_dispatch_seq=500)
         rig.controller.submit([1], 1, rank=0)
         assert ledger.unacked_count.tolist() == [1, 0, 0] and ledger.stats.overshoot_acks == 0
+    finally:
+        rig.close()
+
+
+def test_a_baseline_takes_part_but_reports_no_lost_rank(tmp_path: Path) -> None:
+    # The reference design's budget: numbering taken over, results flow, a dead rank's
+    # requests are not failed (it has no notion of one: they stay outstanding).
+    rig = Rig(tmp_path, 2, acks=[5, 0], overwrite=True)
+    try:
+        assert rig.controller.takeover_seqs == [5, 0]
+        rids = rig.submit(0, 2) + rig.submit(1, 1)
+        assert [m.dispatch_seq for m in rig.ranks[0].recv(2)] == [6, 7]
+        (request,) = rig.ranks[1].recv(1)
+        rig.source.dead[0] = True
+        rig.ranks[1].finish(request)
+        (done,) = rig.collect(until=1)
+        assert (done.rid, done.status) == (rids[2], "ok")
+        assert rig.controller.poll(0.05) == []
+        assert rig.controller.outstanding == [2, 0] and rig.controller.failed_requests == 0
+        assert rig.controller.dispatched == [2, 1]
     finally:
         rig.close()
 

@@ -141,7 +141,6 @@ def _start_server(app: Any, host: str, port: int) -> ServerThread:
 def _add_controller_metrics(app: Any, controller: Controller) -> None:
     collector = app.state.collector
     dispatcher = controller.dispatcher
-    ledger = getattr(dispatcher, "ledger", None)
     n = controller.dp_size
     # Plain reads of counters the controller thread updates: a scrape may see them mid-update.
     collector.add_provider(
@@ -151,20 +150,20 @@ def _add_controller_metrics(app: Any, controller: Controller) -> None:
         ("dp_rank",),
         lambda: {(str(r),): float(controller.outstanding[r]) for r in range(n)},
     )
-    if ledger is not None:
-        collector.add_provider(
-            "controller_dispatches_total",
-            "Requests dispatched by the controller, per rank.",
-            "counter",
-            ("dp_rank",),
-            lambda: {(str(r),): float(ledger.issued(r)) for r in range(n)},
-        )
+    collector.add_provider(
+        "controller_dispatches_total",
+        "Requests dispatched by the controller, per rank.",
+        "counter",
+        ("dp_rank",),
+        lambda: {(str(r),): float(controller.dispatched[r]) for r in range(n)},
+    )
+    if dispatcher.unacknowledged() is not None:
         collector.add_provider(
             "controller_ledger_depth",
             "Dispatches not yet acknowledged by the rank's scheduler.",
             "gauge",
             ("dp_rank",),
-            lambda: {(str(r),): float(ledger.unacked_count[r]) for r in range(n)},
+            lambda: {(str(r),): float(c) for r, c in enumerate(dispatcher.unacknowledged() or ())},
         )
 
 
