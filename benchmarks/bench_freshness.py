@@ -129,6 +129,11 @@ class RecordingSource:
         """The reader's ``dp_size``."""
         return self.reader.dp_size
 
+    @property
+    def stale_after_s(self) -> float:
+        """The reader's staleness budget."""
+        return self.reader.stale_after_s
+
     def read_all(self) -> Any:
         """The reader's ``read_all``."""
         return self.reader.read_all()

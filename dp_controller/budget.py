@@ -188,7 +188,8 @@ class DPBudget:
         self._last_refresh_ns: int | None = None
         self._cursor = 0
         self._rng = random.Random(self.config.seed)
-        self._records = RankRecords(n, self.config.stale_after_s)
+        stale_after_s = self.config.stale_after_s
+        self._records = RankRecords(n, stale_after_s or source.stale_after_s)
         self._scorer = scorer = SCORERS[self.config.policy]
         self._scalar = n <= SCALAR_MAX_DP  # the scalar form over rotations, else the vector form
         self._view = self._build_view()

@@ -163,7 +163,6 @@ def budget_config(args: argparse.Namespace) -> BudgetConfig:
     return BudgetConfig(
         refresh_interval_s=args.refresh_interval_ms / 1e3,
         stale_policy=StalePolicy(args.stale_policy),
-        stale_after_s=args.stale_after_s,
         kv_weight=args.kv_weight,
         request_slack=args.request_slack,
         class_weight=args.class_weight,

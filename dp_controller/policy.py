@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Final
 
 from loadsnap.errors import UsageError
-from loadsnap.reading import DEFAULT_STALE_AFTER_S
 
 __all__ = [
     "CONTROLLER_POLICY",
@@ -67,7 +66,8 @@ class BudgetConfig:
     stale_policy:
         What stale ranks are worth.
     stale_after_s:
-        The staleness budget the source applies; used to warn when a rank publishes less often.
+        None (default): the source's own staleness budget (``SnapshotSource.stale_after_s``),
+        so the two cannot disagree. Only used to warn when a rank publishes less often.
     kv_weight:
         Weight of the KV-pressure penalty (``WORK_OVER_THROUGHPUT``).
     throughput_floor:
@@ -89,7 +89,7 @@ class BudgetConfig:
     policy: Policy = Policy.REQUESTS_THEN_WORK
     refresh_interval_s: float = DEFAULT_REFRESH_INTERVAL_S
     stale_policy: StalePolicy = StalePolicy.SATURATED
-    stale_after_s: float = DEFAULT_STALE_AFTER_S
+    stale_after_s: float | None = None
     kv_weight: float = 4.0
     throughput_floor: float = 1.0
     request_slack: int = 1
@@ -100,7 +100,7 @@ class BudgetConfig:
     def __post_init__(self) -> None:
         if not self.refresh_interval_s >= 0:
             raise UsageError(f"refresh_interval_s must be >= 0: {self.refresh_interval_s}")
-        if not self.stale_after_s > 0:
+        if self.stale_after_s is not None and not self.stale_after_s > 0:
             raise UsageError(f"stale_after_s must be > 0: stale_after_s={self.stale_after_s}")
         if not (self.kv_weight >= 0 and math.isfinite(self.kv_weight)):
             raise UsageError(f"kv_weight must be finite and >= 0: kv_weight={self.kv_weight}")

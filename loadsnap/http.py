@@ -69,6 +69,11 @@ class LockedSource:
         with self._lock:
             return self.inner.dp_size
 
+    @property
+    def stale_after_s(self) -> float:
+        """The wrapped source's staleness budget."""
+        return self.inner.stale_after_s
+
     def read_all(self) -> list[SlotRead]:
         """The wrapped source's ``read_all``, under the lock."""
         with self._lock:

@@ -116,6 +116,11 @@ class SnapshotSource(Protocol):
         """Number of ranks; raises SegmentError subclasses when no segment is readable."""
         ...
 
+    @property
+    def stale_after_s(self) -> float:
+        """The staleness budget behind ``SlotStatus.STALE``: one value for every consumer."""
+        ...
+
     def read_all(self) -> list[SlotRead]:
         """Every rank's latest snapshot with status and age."""
         ...

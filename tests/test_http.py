@@ -321,6 +321,10 @@ class SlowSource:
     def dp_size(self) -> int:
         return 1
 
+    @property
+    def stale_after_s(self) -> float:
+        return 2.0
+
     def read_all(self) -> list[SlotRead]:
         self.entered.set()
         time.sleep(self.delay_s)
