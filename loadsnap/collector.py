@@ -141,6 +141,9 @@ class Collector:
         Quiet time after which a lower epoch may replace a rank's current one.
     warn_interval_s:
         At most one warning per peer and kind of failure (or drop) per this many seconds.
+    channel:
+        The instance name frames must carry, when it is not ``instance`` (the sglang compat
+        module names the channel after its endpoint and the segment after its path).
 
     Raises
     ------
@@ -163,8 +166,10 @@ class Collector:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         epoch_takeover_s: float = DEFAULT_EPOCH_TAKEOVER_S,
         warn_interval_s: float = DEFAULT_WARN_INTERVAL_S,
+        channel: str | None = None,
     ) -> None:
         self.instance = validate_instance(instance)
+        self.channel = self.instance if channel is None else validate_instance(channel)
         self.geometry = SegmentGeometry(dp_size, payload_capacity)
         if max_message_bytes < payload_capacity:
             raise UsageError(
@@ -177,10 +182,10 @@ class Collector:
         self.curve = curve is not None
         self.stats = CollectorStats()
         self._curve_keys = curve
-        self._peers = PeerWatch(self.instance, self.stats, curve, warn_interval_s)
+        self._peers = PeerWatch(self.channel, self.stats, curve, warn_interval_s)
         self._shm_dir = shm_dir
         self._max_message_bytes = max_message_bytes
-        self._frame_capacity = payload_capacity + frame_overhead_bytes(self.instance)
+        self._frame_capacity = payload_capacity + frame_overhead_bytes(self.channel)
         self._takeover_ns = int(epoch_takeover_s * 1e9)
         self._decoder = FrameDecoder()
         self._ranks: dict[int, tuple[ShmWriter, RankOrder]] = {}
@@ -308,7 +313,7 @@ class Collector:
         except WireError as exc:
             self._count_wire_error(exc)
             return
-        if head.instance != self.instance:
+        if head.instance != self.channel:
             stats.wrong_instance += 1
             self._peers.warn_dropped("wrong_instance", head.instance, meta)
             return

@@ -123,6 +123,12 @@ class LoadSnapshot(msgspec.Struct, kw_only=True):
     lora: LoraSection | None = None
     disaggregation: DisaggregationSection | None = None
     queues: QueueSection | None = None
+    # sglang's later core fields (appended; see loadsnap.compat.sglang).
+    timestamp: float = 0.0  # the scheduler's own wall-clock stamp, in seconds
+    num_active_tokens: Count = 0  # num_total_tokens minus tokens awaiting a KV transfer
+    total_prefill_uncached_tokens: Count = 0  # cumulative
+    total_prefill_busy_us: Count = 0  # cumulative
+    decode_moments: Annotated[list[float], msgspec.Meta(max_length=64)] | None = None
 
     def to_dict(self, include: str | Iterable[str] = "core") -> dict[str, Any]:
         """Return a JSON-ready dict of the selected sections.

@@ -17,6 +17,7 @@ variable                                default                     meaning
 ``LOADSNAP_CURVE_CLIENT_KEY``           unset                       writer: its own secret key
 ``LOADSNAP_CURVE_DIR``                  unset                       collector: the key directory
 ``LOADSNAP_PARENT_PID``                 unset                       set by a fleet for its children
+``SGLANG_LOAD_SNAPSHOT_USE_ZMQ``        unset                       sglang compat: force ZMQ
 ======================================  ==========================  ===============================
 """
 
@@ -80,6 +81,7 @@ class Settings:
     curve_client_key: str | None = None
     curve_dir: str | None = None
     parent_pid: int | None = None
+    sglang_use_zmq: bool = False
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
@@ -116,6 +118,7 @@ class Settings:
             curve_client_key=text("LOADSNAP_CURVE_CLIENT_KEY"),
             curve_dir=text("LOADSNAP_CURVE_DIR"),
             parent_pid=_parent_pid(text(PARENT_PID_ENV)),
+            sglang_use_zmq=_flag(text("SGLANG_LOAD_SNAPSHOT_USE_ZMQ")),
         )
 
 
@@ -129,6 +132,11 @@ def _parent_pid(raw: str | None) -> int | None:
     if pid <= 0:
         raise UsageError(f"{PARENT_PID_ENV} must be a positive pid: got={raw!r}")
     return pid
+
+
+def _flag(raw: str | None) -> bool:
+    # sglang's boolean environment convention: "1"/"true"/"yes"/"on" (any case) turn it on.
+    return raw is not None and raw.lower() in ("1", "true", "yes", "on")
 
 
 def current() -> Settings:

@@ -86,9 +86,12 @@ _SCHEDULER_INTS: Final = operator.attrgetter(
     "max_running_requests",
     "cycle",
     "last_accepted_dispatch_seq",
+    "num_active_tokens",
+    "total_prefill_uncached_tokens",
+    "total_prefill_busy_us",
 )
 # As signed 64-bit: refuses a non-integer and anything above the schema's 2**63 - 1.
-_PACK_INTS: Final = struct.Struct("<10q").pack
+_PACK_INTS: Final = struct.Struct("<13q").pack
 _VALIDATING_DECODER: Final = msgspec.msgpack.Decoder(LoadSnapshot)
 
 
@@ -122,7 +125,8 @@ def check_publishable(
     except (struct.error, TypeError):  # a non-integer count, a value that does not compare
         scalars_ok = False
     if scalars_ok and (
-        snapshot.memory is None
+        snapshot.decode_moments is None
+        and snapshot.memory is None
         and snapshot.speculative is None
         and snapshot.lora is None
         and snapshot.disaggregation is None
