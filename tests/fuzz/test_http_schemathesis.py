@@ -31,7 +31,7 @@ from loadsnap import (
     unlink_segment,
 )
 from loadsnap.server import ServerThread, create_app
-from tests.test_chaos import report
+from tests.chaos.test_chaos import report
 
 DP = 3
 PUBLISHED_RANKS = (0, 1)  # rank 2 never publishes

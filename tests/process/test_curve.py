@@ -28,8 +28,8 @@ from loadsnap.curve import (
 from loadsnap.errors import TransportError, UsageError
 from loadsnap.transport import make_writer
 from loadsnap.zmq_writer import ZmqWriter
-from tests.test_chaos import report
-from tests.test_collector import running_reqs, wait_until
+from tests.chaos.test_chaos import report
+from tests.process.test_collector import running_reqs, wait_until
 
 pytestmark = pytest.mark.skipif(not curve_available(), reason="libzmq built without CURVE")
 

@@ -32,7 +32,7 @@ from scheduler.messages import (
 )
 from scheduler.process import SchedulerOptions, SchedulerProcess
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEADLINE_S = 15.0
 
 

@@ -29,7 +29,7 @@ from loadsnap.collector_stats import (
     read_collector_stats,
 )
 from loadsnap.frame import encode_frame
-from tests.test_chaos import report, wait_until
+from tests.chaos.test_chaos import report, wait_until
 
 _SIZES = {"u32": 4, "u64": 8}
 _ROW_RE = re.compile(r"^\s*(\d+) \+[-+]+\+\s*$")

@@ -18,7 +18,7 @@ import pytest
 
 from loadsnap.collector import collector_lock_path, is_loopback_endpoint
 from loadsnap.settings import DEFAULT_COLLECTOR_BIND as DEFAULT_BIND
-from tests.test_chaos import report
+from tests.chaos.test_chaos import report
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
 

@@ -24,7 +24,7 @@ import pytest
 from loadsnap import ShmReader, SlotStatus
 from loadsnap.collector import collector_lock_path
 from loadsnap.curve import curve_available, generate_keys
-from tests.test_collector import read_segment, spawn_writer, stop_writers, wait_until
+from tests.process.test_collector import read_segment, spawn_writer, stop_writers, wait_until
 
 PORT = 5557
 SUBNET = "10.231"

@@ -8,7 +8,7 @@ cut short or with bytes flipped. :func:`~loadsnap.frame.decode_frame` may only r
 :class:`~loadsnap.WireError`; the collector's per-frame handler (what its receive loop calls for
 each frame) never raises, and each frame adds exactly one to ``relayed`` or to one drop reason.
 Then the same frames go through a real PUSH socket, and the collector still relays a good peer's
-snapshot afterwards. (``tests/test_atheris_fuzz.py`` fuzzes the same handler coverage-guided
+snapshot afterwards. (``tests/fuzz/test_atheris_fuzz.py`` fuzzes the same handler coverage-guided
 where atheris installs.)
 """
 
@@ -30,7 +30,7 @@ from loadsnap import LoadSnapshot, MemorySection, WireError, unlink_segment
 from loadsnap.collector import DROP_REASONS, Collector, collector_lock_path
 from loadsnap.frame import decode_frame, encode_frame
 from loadsnap.wire import encode_snapshot
-from tests.test_chaos import report, wait_until
+from tests.chaos.test_chaos import report, wait_until
 
 DP_SIZE = 2
 CAPACITY = 512

@@ -45,7 +45,7 @@ from loadsnap.layout import (
     SegmentGeometry,
 )
 
-_ROOT = Path(__file__).resolve().parent.parent
+_ROOT = Path(__file__).resolve().parents[2]
 _DP_SIZE = 2
 _CAPACITY = 1024
 _DURATION_S = 2.5
@@ -118,7 +118,7 @@ def _table_tears(table: HotTable) -> int:
     return tears
 
 
-# --- child processes (run as ``python -c "from tests.test_torn_reads import ..."``) -----------
+# --- child processes (run as ``python -c "from tests.process.test_torn_reads import ..."``) ---
 
 
 def writer_main(instance: str, rank: int) -> None:
@@ -214,7 +214,7 @@ def control_main(instance: str, duration_s: float) -> None:
 
 
 def _spawn(call: str, *args: str, stdin: bool = False) -> subprocess.Popen[str]:
-    code = f"import sys; from tests.test_torn_reads import {call.split('(')[0]}; {call}"
+    code = f"import sys; from tests.process.test_torn_reads import {call.split('(')[0]}; {call}"
     return subprocess.Popen(
         [sys.executable, "-c", code, *args],
         cwd=_ROOT,

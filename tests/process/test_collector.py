@@ -24,7 +24,7 @@ from loadsnap import LoadSnapshot, ShmReader, ShmWriter, SlotRead, SlotStatus
 from loadsnap.collector import Collector, collector_lock_path
 from loadsnap.errors import SegmentUnavailableError, TransportError
 from loadsnap.frame import encode_frame
-from tests.test_chaos import report
+from tests.chaos.test_chaos import report
 
 LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"
 WAIT_S = 10.0

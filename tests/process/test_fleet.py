@@ -40,10 +40,10 @@ from dp_controller.harness.fleet import (
 )
 from loadsnap import ShmReader, SlotStatus, segment_path, unlink_segment
 from loadsnap.errors import SegmentError, TransportError
-from tests.test_chaos import report, wait_until
-from tests.test_demo_e2e import Demo
+from tests.chaos.test_chaos import report, wait_until
+from tests.process.test_demo_e2e import Demo
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DP = 4
 WAIT_S = 30.0
 SECOND_START_LIMIT_S = 10.0  # "within seconds": the second deployment must give up this fast

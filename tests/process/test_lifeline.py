@@ -14,7 +14,7 @@ import pytest
 
 from scheduler.lifeline import PARENT_PID_ENV, child_env, die_with_parent
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 15.0
 
 linux_only = pytest.mark.skipif(

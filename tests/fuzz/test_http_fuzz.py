@@ -31,7 +31,7 @@ from loadsnap.curve import curve_available, generate_keys, load_client_keys, loa
 from loadsnap.frame import encode_frame
 from loadsnap.server import ServerThread, create_app
 from loadsnap.zmq_writer import ZmqWriter
-from tests.test_chaos import report, wait_until
+from tests.chaos.test_chaos import report, wait_until
 
 DOCUMENTED = frozenset({200, 400, 503})
 KEYS = ("dp_rank", "include", "format")

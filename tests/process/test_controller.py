@@ -220,7 +220,7 @@ def test_a_baseline_takes_part_but_reports_no_lost_rank(tmp_path: Path) -> None:
 
 
 def test_ledger_rebase_continues_numbering_and_never_reuses_a_sequence() -> None:
-    # The ledger half of the takeover (belongs with tests/test_ledger.py).
+    # The ledger half of the takeover (belongs with tests/unit/test_ledger.py).
     ledger = DispatchLedger(2)
     ledger.record(0, 5)
     ledger.record(0, 5)

@@ -25,7 +25,7 @@ from loadsnap import LoadSnapshot, LoraSection, ShmReader, ShmWriter, SlotRead, 
 from loadsnap._seqlock import WriteStep, build_record, write_steps
 from loadsnap.layout import RECORD_HEADER_SIZE, hot_values
 
-_ROOT = Path(__file__).resolve().parent.parent
+_ROOT = Path(__file__).resolve().parents[2]
 _TIMEOUT_S = 30.0
 _OLD_NS = 10 * 10**9  # records claim to be 10 s old, so readers probe the writer's liveness now
 _EXIT_CODE = 3
@@ -84,7 +84,7 @@ def child_main(instance: str, prior: int, stop: str, how: str) -> None:
 
 def _crash(instance: str, prior: int, stop: str, how: str) -> None:
     code = (
-        "import sys; from tests.test_crash_injection import child_main; "
+        "import sys; from tests.process.test_crash_injection import child_main; "
         "child_main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])"
     )
     done = subprocess.run(
