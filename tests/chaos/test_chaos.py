@@ -15,14 +15,11 @@ condition with a deadline. Figures are printed as ``FIGURES {json}`` and, when
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import httpx
 import msgspec
@@ -36,6 +33,7 @@ from loadsnap import ShmReader, SlotStatus
 from loadsnap.errors import UsageError
 from loadsnap.server import ServerThread, create_app
 from scheduler.messages import Finished
+from tests.helpers import report, wait_until
 
 STALE_S = 0.5  # staleness budget of every reader in this file
 # Heartbeats well inside the budget; slow enough steps that requests are in flight at a kill.
@@ -49,25 +47,6 @@ SCHED_ARGS = (
 PROMPT = [3] * 64
 NEW_TOKENS = 24
 WAIT_S = 15.0
-
-
-def report(name: str, figures: dict[str, Any]) -> None:
-    """Print figures for RELIABILITY.md (and write them under $LOADSNAP_FIGURES_DIR)."""
-    line = json.dumps({"test": name, **figures}, sort_keys=True)
-    print(f"FIGURES {line}")
-    out_dir = os.environ.get("LOADSNAP_FIGURES_DIR")
-    if out_dir:
-        with open(os.path.join(out_dir, f"{name}.json"), "w") as out:
-            out.write(line + "\n")
-
-
-def wait_until(cond: Callable[[], bool], timeout_s: float = WAIT_S, step_s: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step_s)
-    return cond()
 
 
 def scheduler_cmd(fleet: SchedulerFleet, rank: int) -> list[str]:
@@ -168,7 +147,7 @@ def test_sigkill_scheduler_dead_no_loss_and_rejoin(
             snap = reader.read_all()[victim].snapshot
             return snap is not None and snap.num_running_reqs > 0
 
-        assert wait_until(victim_running)
+        assert wait_until(victim_running, WAIT_S)
         in_flight_at_kill = controller.outstanding[victim]
         ok_before_kill = len(results.of(victim, "ok"))
         assert in_flight_at_kill > 0
@@ -199,7 +178,7 @@ def test_sigkill_scheduler_dead_no_loss_and_rejoin(
         after = results.submit(60)
         sent_after_dead += after.count(victim)
         assert sent_after_dead == 0
-        assert wait_until(lambda: results.pump(0.02) == 0), controller.outstanding
+        assert wait_until(lambda: results.pump(0.02) == 0, WAIT_S), controller.outstanding
         # Every request has exactly one result; the failed ones are exactly what the dead rank
         # held: in flight at the kill, plus what was sent before the death was seen, minus
         # results that were already on their way.
@@ -223,14 +202,14 @@ def test_sigkill_scheduler_dead_no_loss_and_rejoin(
             read = reader.read_all()[victim]
             return read.status is SlotStatus.FRESH and read.epoch != old_epoch
 
-        assert wait_until(rejoined)
+        assert wait_until(rejoined, WAIT_S)
         rejoin_s = time.monotonic() - t_restart
-        assert wait_until(lambda: (results.pump(0.01), victim not in dead_ranks(budget))[1])
+        assert wait_until(lambda: (results.pump(0.01), victim not in dead_ranks(budget))[1], WAIT_S)
         assert rank_status(http, victim) == "fresh"
         assert budget.stats.epoch_resets >= 1
         back = results.submit(30)
         assert back.count(victim) >= 1, budget.budget_requests()  # it gets work again
-        assert wait_until(lambda: results.pump(0.02) == 0), controller.outstanding
+        assert wait_until(lambda: results.pump(0.02) == 0, WAIT_S), controller.outstanding
         # The new incarnation served its requests; nothing more was reported failed.
         assert len(results.of(victim, "ok")) - ok_before_kill - ok_after_kill >= back.count(victim)
         assert controller.failed_requests == len(failed) and results.duplicates == 0
@@ -334,7 +313,7 @@ def test_sigstop_reader_then_scheduler_nobody_else_stalls(
             assert 2 not in picks, picks
         finally:
             fleet.resume_process(2)
-        assert wait_until(lambda: rank_status(http, 2) == "fresh")
+        assert wait_until(lambda: rank_status(http, 2) == "fresh", WAIT_S)
         spinner.send_signal(signal.SIGTERM)
         out, _ = spinner.communicate(timeout=10.0)
         reads_done = int(out.split()[-1])
@@ -403,13 +382,16 @@ def test_kill_controller_schedulers_keep_publishing_new_controller_picks_up(
     try:
         assert old.stdout is not None and old.stdout.readline().strip() == "submitted"
         assert wait_until(
-            lambda: sum(r.snapshot.num_running_reqs for r in reader.read_all() if r.snapshot) > 0
+            lambda: sum(r.snapshot.num_running_reqs for r in reader.read_all() if r.snapshot) > 0,
+            WAIT_S,
         )
         old.kill()
         old.wait(5.0)
         # Schedulers keep publishing with no controller.
         start = slot_seqs(reader)
-        assert wait_until(lambda: all(a > b for a, b in zip(slot_seqs(reader), start, strict=True)))
+        assert wait_until(
+            lambda: all(a > b for a, b in zip(slot_seqs(reader), start, strict=True)), WAIT_S
+        )
         assert all(r.status is SlotStatus.FRESH for r in reader.read_all())
         assert all(p.poll() is None for p in fleet.procs)
         # A new controller binds the same result address, continues each rank's numbering
@@ -422,7 +404,7 @@ def test_kill_controller_schedulers_keep_publishing_new_controller_picks_up(
         assert controller.takeover_seqs == acks_before and sum(acks_before) == 40
         results = Results(controller)
         results.submit(30)
-        assert wait_until(lambda: results.pump(0.02) == 0), controller.outstanding
+        assert wait_until(lambda: results.pump(0.02) == 0, WAIT_S), controller.outstanding
         finished = [f for f in results.by_rid.values() if f.status == "ok"]
         assert len(finished) == 30 and results.duplicates == 0
         # Every new dispatch was acknowledged, none clamped: the budget counts nothing twice.
@@ -432,7 +414,7 @@ def test_kill_controller_schedulers_keep_publishing_new_controller_picks_up(
             budget.refresh(force=True)
             return int(ledger.unacked_count.sum()) == 0
 
-        assert wait_until(acknowledged), ledger.unacked_count
+        assert wait_until(acknowledged, WAIT_S), ledger.unacked_count
         assert ledger.stats.overshoot_acks == 0
         assert [ledger.acked(r) for r in range(fleet.dp_size)] == [
             ledger.issued(r) for r in range(fleet.dp_size)

@@ -34,7 +34,7 @@ from dp_controller.controller import Controller
 from dp_controller.harness.loss import RequestAccount
 from loadsnap import ShmReader, SlotStatus, segment_path
 from loadsnap.server import ServerThread, create_app
-from tests.chaos.test_chaos import report, wait_until
+from tests.helpers import report, wait_until
 
 pytestmark = pytest.mark.stress
 

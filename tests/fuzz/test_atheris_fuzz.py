@@ -242,7 +242,7 @@ def _fuzz(name: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
 
 @needs_atheris
 def test_atheris_slot_bytes_only_documented_outcomes(tmp_path: Path) -> None:
-    from tests.chaos.test_chaos import report
+    from tests.helpers import report
 
     figures = _fuzz("slot", tmp_path)
     assert figures.get("segment_refused", 0) > 0 and figures.get("fresh", 0) > 0, figures
@@ -251,7 +251,7 @@ def test_atheris_slot_bytes_only_documented_outcomes(tmp_path: Path) -> None:
 
 @needs_atheris
 def test_atheris_zmq_frames_rejected_and_counted(tmp_path: Path) -> None:
-    from tests.chaos.test_chaos import report
+    from tests.helpers import report
 
     corpus = tmp_path / "corpus"
     _seed_corpus(corpus)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,11 +29,11 @@ from loadsnap import LoadSnapshot, MemorySection, WireError, unlink_segment
 from loadsnap.collector import DROP_REASONS, Collector, collector_lock_path
 from loadsnap.frame import decode_frame, encode_frame
 from loadsnap.wire import encode_snapshot
-from tests.chaos.test_chaos import report, wait_until
+from tests.helpers import report, unique_instance, wait_until
 
 DP_SIZE = 2
 CAPACITY = 512
-INSTANCE = f"t-{os.getpid()}-{uuid.uuid4().hex[:8]}-frames"
+INSTANCE = unique_instance("t") + "-frames"
 MAX_EXAMPLES = int(os.environ.get("LOADSNAP_FUZZ_EXAMPLES", "300"))
 COUNTED = ("relayed", *DROP_REASONS)
 

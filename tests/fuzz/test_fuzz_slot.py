@@ -35,6 +35,7 @@ from loadsnap.layout import (
     SLOT_CONTROL_SIZE,
     SegmentGeometry,
 )
+from tests.helpers import unique_instance
 
 _DP_SIZE = 2
 _CAPACITY = 512
@@ -51,11 +52,9 @@ class _Published:
 @pytest.fixture(scope="module")
 def published() -> Iterator[_Published]:
     """A segment with both ranks published twice; its writers stay attached (alive)."""
-    import uuid
-
     from loadsnap import unlink_segment
 
-    instance = f"fuzz-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    instance = unique_instance("fuzz")
     writers = [ShmWriter(instance, _DP_SIZE, rank, payload_capacity=_CAPACITY) for rank in (0, 1)]
     try:
         for k in (1, 2):

@@ -25,13 +25,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dp_controller import BudgetConfig, DPBudget, Policy
-from loadsnap import LoadSnapshot, ShmReader, ShmWriter, unlink_segment
-from loadsnap.collector import Collector, collector_lock_path
+from loadsnap import LoadSnapshot, ShmReader
+from loadsnap.collector import Collector
 from loadsnap.curve import curve_available, generate_keys, load_client_keys, load_server_keys
 from loadsnap.frame import encode_frame
 from loadsnap.server import ServerThread, create_app
 from loadsnap.zmq_writer import ZmqWriter
-from tests.chaos.test_chaos import report, wait_until
+from tests.helpers import report, serving, wait_until
 
 DOCUMENTED = frozenset({200, 400, 503})
 KEYS = ("dp_rank", "include", "format")
@@ -79,22 +79,12 @@ class Served:
 
 @pytest.fixture(scope="module")
 def live() -> Iterator[Served]:
-    name = f"t-{os.getpid()}-fuzz"
-    writers = [ShmWriter(name, 3, rank) for rank in range(2)]  # rank 2 never publishes
-    server: ServerThread | None = None
-    try:
-        for rank, writer in enumerate(writers):
-            writer.publish(LoadSnapshot(dp_rank=rank, num_running_reqs=rank + 1))
-        # A long staleness budget: the fuzz run must not see the two ranks go stale.
-        server = ServerThread(create_app(name, stale_after_s=3600.0)).start()
-        with httpx.Client(base_url=server.url, timeout=10.0) as client:
-            yield Served(client, server)
-    finally:
-        if server is not None:
-            server.stop()
-        for writer in writers:
-            writer.close()
-        unlink_segment(name)
+    snapshots = [LoadSnapshot(dp_rank=rank, num_running_reqs=rank + 1) for rank in range(2)]
+    with (
+        serving(f"t-{os.getpid()}-fuzz", 3, snapshots) as server,  # rank 2 never publishes
+        httpx.Client(base_url=server.url, timeout=10.0) as client,
+    ):
+        yield Served(client, server)
 
 
 def check(served: Served, resp: httpx.Response) -> None:
@@ -157,14 +147,6 @@ def test_missing_segment_answers_503_never_500(instance: str) -> None:
 needs_curve = pytest.mark.skipif(not curve_available(), reason="libzmq built without CURVE")
 
 
-@pytest.fixture
-def lock_cleanup(instance: str) -> Iterator[None]:
-    yield
-    path = collector_lock_path(instance)
-    if os.path.exists(path):
-        os.unlink(path)
-
-
 def pick(instance: str) -> tuple[int, list[float]]:
     """A fresh budget's first choice and the numbers it read."""
     with ShmReader(instance) as reader:
@@ -174,7 +156,7 @@ def pick(instance: str) -> tuple[int, list[float]]:
 
 
 @needs_curve
-@pytest.mark.usefixtures("lock_cleanup")
+@pytest.mark.usefixtures("collector_lock_cleanup")
 def test_spoofed_snapshot_cannot_change_dispatch_with_curve(instance: str, tmp_path: Path) -> None:
     keys = generate_keys(tmp_path / "keys", clients=1)
     stranger = generate_keys(tmp_path / "stranger", clients=1)
@@ -265,7 +247,7 @@ def picks(instance: str, n: int) -> list[int]:
 
 @needs_curve
 @pytest.mark.parametrize("bound", [False, True], ids=["any_rank_control", "bound"])
-@pytest.mark.usefixtures("lock_cleanup")
+@pytest.mark.usefixtures("collector_lock_cleanup")
 def test_listed_key_cannot_publish_another_rank(
     instance: str, tmp_path: Path, bound: bool, caplog: pytest.LogCaptureFixture
 ) -> None:

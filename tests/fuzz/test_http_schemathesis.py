@@ -12,7 +12,6 @@ headers and body schema, and invalid input rejected with a 4xx.
 from __future__ import annotations
 
 import os
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, TypeAlias
@@ -27,11 +26,10 @@ from loadsnap import (
     LoraSection,
     MemorySection,
     QueueSection,
-    ShmWriter,
     unlink_segment,
 )
 from loadsnap.server import ServerThread, create_app
-from tests.chaos.test_chaos import report
+from tests.helpers import report, serving, unique_instance
 
 DP = 3
 PUBLISHED_RANKS = (0, 1)  # rank 2 never publishes
@@ -73,27 +71,15 @@ def _snapshot(rank: int) -> LoadSnapshot:
 
 @pytest.fixture(scope="module")
 def live_url() -> Iterator[str]:
-    name = f"t-{os.getpid()}-{uuid.uuid4().hex[:8]}-st"
-    writers = [ShmWriter(name, DP, rank) for rank in PUBLISHED_RANKS]
-    server: ServerThread | None = None
-    try:
-        for rank, writer in zip(PUBLISHED_RANKS, writers, strict=True):
-            writer.publish(_snapshot(rank))
-        # A long staleness budget: the run must not see the published ranks go stale.
-        server = ServerThread(create_app(name, stale_after_s=3600.0)).start()
+    name = unique_instance("t") + "-st"
+    with serving(name, DP, [_snapshot(rank) for rank in PUBLISHED_RANKS]) as server:
         yield server.url
         assert server._thread.is_alive()
-    finally:
-        if server is not None:
-            server.stop()
-        for writer in writers:
-            writer.close()
-        unlink_segment(name)
 
 
 @pytest.fixture(scope="module")
 def missing_url() -> Iterator[str]:
-    name = f"t-{os.getpid()}-{uuid.uuid4().hex[:8]}-none"
+    name = unique_instance("t") + "-none"
     with ServerThread(create_app(name)) as server:
         yield server.url
     unlink_segment(name)

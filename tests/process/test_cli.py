@@ -6,11 +6,9 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -18,23 +16,25 @@ import pytest
 from loadsnap import LoadSnapshot, ShmWriter
 from loadsnap.cli import build_parser, main
 from loadsnap.layout import LAYOUT_MAJOR, LAYOUT_MINOR
+from tests.helpers import free_port
 
 DP = 2
 
 
 @pytest.fixture
-def writers(instance: str) -> Iterator[list[ShmWriter]]:
-    ws = [ShmWriter(instance, DP, rank) for rank in range(DP)]
-    try:
-        ws[0].publish(LoadSnapshot(dp_rank=0, num_running_reqs=4, num_waiting_reqs=2))
-        yield ws
-    finally:
-        for w in ws:
-            w.close()
+def dp_size() -> int:
+    return DP
+
+
+@pytest.fixture
+def published(writers: list[ShmWriter]) -> list[ShmWriter]:
+    """Rank 0 has published once; rank 1 never has."""
+    writers[0].publish(LoadSnapshot(dp_rank=0, num_running_reqs=4, num_waiting_reqs=2))
+    return writers
 
 
 def test_inspect_json(
-    instance: str, writers: list[ShmWriter], capsys: pytest.CaptureFixture[str]
+    instance: str, published: list[ShmWriter], capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["inspect", "--instance", instance, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -53,7 +53,7 @@ def test_inspect_json(
 
 
 def test_inspect_text(
-    instance: str, writers: list[ShmWriter], capsys: pytest.CaptureFixture[str]
+    instance: str, published: list[ShmWriter], capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["inspect", "--instance", instance]) == 0
     out = capsys.readouterr().out
@@ -70,7 +70,7 @@ def test_inspect_missing_segment(instance: str, capsys: pytest.CaptureFixture[st
     assert "missing" in capsys.readouterr().err
 
 
-def test_top_once(instance: str, writers: list[ShmWriter]) -> None:
+def test_top_once(instance: str, published: list[ShmWriter]) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "loadsnap", "top", "--instance", instance, "--once"],
         capture_output=True,
@@ -89,15 +89,8 @@ def test_top_once_missing(instance: str, capsys: pytest.CaptureFixture[str]) -> 
     assert "no segment" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def test_serve_smoke(instance: str, writers: list[ShmWriter]) -> None:
-    port = _free_port()
+def test_serve_smoke(instance: str, published: list[ShmWriter]) -> None:
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -1,7 +1,7 @@
 """``Collector``: writer processes over tcp://127.0.0.1 into the local segment; bad input counted.
 
-Writers run as separate processes (``WRITER_SCRIPT``), killed in ``finally``; the collector runs
-in the test process. Every wait is bounded and polls a condition.
+Writers run as separate processes (``tests.helpers.WRITER_SCRIPT``), killed in ``finally``; the
+collector runs in the test process. Every wait is bounded and polls a condition.
 """
 
 from __future__ import annotations
@@ -9,142 +9,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import msgspec
 import pytest
 import zmq
 
-from loadsnap import LoadSnapshot, ShmReader, ShmWriter, SlotRead, SlotStatus
+from loadsnap import LoadSnapshot, ShmReader, ShmWriter, SlotStatus
 from loadsnap.collector import Collector, collector_lock_path
-from loadsnap.errors import SegmentUnavailableError, TransportError
+from loadsnap.errors import TransportError
 from loadsnap.frame import encode_frame
-from tests.chaos.test_chaos import report
+from tests.helpers import read_segment, report, running_reqs, spawn_writer, stop_writers, wait_until
 
 LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"
 WAIT_S = 10.0
-
-# argv: instance endpoint dp_size rank mode arg [server_key client_secret]
-#   mode "burst": warm up until connected, publish num_running_reqs=1..arg back to back, idle.
-#   mode "stream": publish num_running_reqs=1,2,... every arg milliseconds.
-# Stops on SIGTERM (or after 30 s) and prints its counters as one JSON line.
-WRITER_SCRIPT = r"""
-import json, signal, sys, time
-from loadsnap.curve import load_client_keys
-from loadsnap.schema import LoadSnapshot
-from loadsnap.zmq_writer import ZmqWriter
-
-instance, endpoint, dp_size, rank, mode, arg = sys.argv[1:7]
-dp_size, rank, arg = int(dp_size), int(rank), int(arg)
-curve = load_client_keys(sys.argv[7], sys.argv[8]) if len(sys.argv) > 8 else None
-stopping = []
-signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-deadline = time.monotonic() + 30.0
-writer = ZmqWriter(endpoint, dp_size, rank, instance=instance, curve=curve)
-slowest_ns = 0
-def publish(k):
-    global slowest_ns
-    t0 = time.perf_counter_ns()
-    writer.publish(LoadSnapshot(dp_rank=rank, num_running_reqs=k))
-    slowest_ns = max(slowest_ns, time.perf_counter_ns() - t0)
-if mode == "burst":
-    while writer.stats.sent == 0 and not stopping and time.monotonic() < deadline:
-        publish(0)
-        time.sleep(0.005)
-    for k in range(1, arg + 1):
-        publish(k)
-    print(json.dumps({"burst_done": True}), flush=True)
-    while not stopping and time.monotonic() < deadline:
-        time.sleep(0.01)
-else:
-    k = 0
-    while not stopping and time.monotonic() < deadline:
-        k += 1
-        publish(k)
-        time.sleep(arg / 1000.0)
-stats = {"sent": writer.stats.sent, "dropped": writer.stats.dropped, "slowest_ns": slowest_ns,
-         "epoch": writer.epoch, "handshake_failures": writer.stats.handshake_failures}
-writer.close()
-print(json.dumps(stats), flush=True)
-"""
-
-
-def spawn_writer(
-    instance: str,
-    endpoint: str,
-    dp_size: int,
-    rank: int,
-    mode: str,
-    arg: int,
-    keys: Sequence[str] = (),
-    prefix: Sequence[str] = (),
-) -> subprocess.Popen[str]:
-    """Start one writer process (``prefix`` runs it elsewhere, e.g. ``ip netns exec NS``)."""
-    argv = [*prefix, sys.executable, "-c", WRITER_SCRIPT, instance, endpoint, str(dp_size)]
-    return subprocess.Popen(
-        [*argv, str(rank), mode, str(arg), *keys],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def stop_writers(procs: Sequence[subprocess.Popen[str]]) -> list[dict[str, Any]]:
-    """SIGTERM every writer, collect its final counters; kill any that does not exit."""
-    results: list[dict[str, Any]] = []
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        lines = [line for line in out.splitlines() if line.startswith("{")]
-        results.append(json.loads(lines[-1]) if lines else {"stderr": err})
-    return results
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> bool:
-    """Poll ``predicate`` every 10 ms until it holds or ``timeout_s`` passes."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
-def read_segment(reader: ShmReader) -> list[SlotRead]:
-    """Every rank's read, or [] while the segment does not exist."""
-    try:
-        return reader.read_all()
-    except SegmentUnavailableError:
-        return []
-
-
-def running_reqs(reader: ShmReader, ranks: Sequence[int]) -> dict[int, int]:
-    """``num_running_reqs`` of each readable rank in ``ranks``."""
-    out: dict[int, int] = {}
-    for read in read_segment(reader):
-        if read.rank in ranks and read.snapshot is not None:
-            out[read.rank] = read.snapshot.num_running_reqs
-    return out
-
-
-@pytest.fixture
-def collector_lock_cleanup(instance: str) -> Iterator[None]:
-    """Remove the collector lock file the test's collectors leave next to the segment."""
-    yield
-    path = collector_lock_path(instance)
-    if os.path.exists(path):
-        os.unlink(path)
 
 
 def raw_push(context: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Socket[bytes]:
@@ -173,7 +54,7 @@ def test_latest_per_rank_after_bursts(instance: str) -> None:
         local.publish(LoadSnapshot(dp_rank=0, num_running_reqs=7))
         reader = ShmReader(instance)
         expected = {rank: burst for rank in remote}
-        assert wait_until(lambda: running_reqs(reader, remote) == expected), (
+        assert wait_until(lambda: running_reqs(reader, remote) == expected, WAIT_S), (
             running_reqs(reader, remote),
             collector.stats_dict(),
         )
@@ -208,12 +89,12 @@ def test_collector_restart_while_writers_run(instance: str) -> None:
             reads = read_segment(reader)
             return len(reads) == 3 and all(r.status is SlotStatus.FRESH for r in reads)
 
-        assert wait_until(all_fresh), first.stats_dict()
+        assert wait_until(all_fresh, WAIT_S), first.stats_dict()
         before = running_reqs(reader, remote)
         first.close()  # the collector was the segment's only writer: the segment goes away
         assert wait_until(lambda: not read_segment(reader), 2.0)
         second = Collector(instance, 3, endpoint)
-        assert wait_until(all_fresh), second.stats_dict()
+        assert wait_until(all_fresh, WAIT_S), second.stats_dict()
         after = running_reqs(reader, remote)
         assert all(after[rank] > before[rank] for rank in remote), (before, after)
         assert second.stats.relayed > 0 and second.stats.handshakes >= len(remote)
@@ -236,7 +117,7 @@ def test_bad_frames_dropped_and_counted_while_good_peer_flows(instance: str) -> 
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         reader = ShmReader(instance)
-        assert wait_until(lambda: 0 in running_reqs(reader, (0,))), collector.stats_dict()
+        assert wait_until(lambda: 0 in running_reqs(reader, (0,)), WAIT_S), collector.stats_dict()
         bad = raw_push(context, collector.endpoint)
         bad.send(b"\xc1 not msgpack")
         bad.send(b"\xff" * 10)  # msgpack (a small int), but not a snapshot: invalid
@@ -258,9 +139,11 @@ def test_bad_frames_dropped_and_counted_while_good_peer_flows(instance: str) -> 
                 and s.disconnects >= 1
             )
 
-        assert wait_until(all_counted), collector.stats_dict()
+        assert wait_until(all_counted, WAIT_S), collector.stats_dict()
         mark = running_reqs(reader, (0,))[0]
-        assert wait_until(lambda: running_reqs(reader, (0,))[0] > mark + 5), "good peer stalled"
+        assert wait_until(lambda: running_reqs(reader, (0,))[0] > mark + 5, WAIT_S), (
+            "good peer stalled"
+        )
         assert collector.running
         assert 1 not in collector.latest()  # nothing bad reached rank 1
         assert read_segment(reader)[1].status is SlotStatus.NEVER_PUBLISHED
@@ -293,7 +176,7 @@ def test_wrong_instance_dropped_counted_and_logged(
         def settled() -> bool:
             return collector.stats.wrong_instance >= 20 and 1 in running_reqs(reader, (1,))
 
-        assert wait_until(settled), collector.stats_dict()
+        assert wait_until(settled, WAIT_S), collector.stats_dict()
         assert 0 not in collector.latest()  # nothing of the stranger's reached the segment
         assert read_segment(reader)[0].status is SlotStatus.NEVER_PUBLISHED
         assert collector.dropped_by_reason()[("wrong_instance",)] >= 20
@@ -336,14 +219,14 @@ def test_seq_and_epoch_rules(instance: str) -> None:
         sent(epoch=100, seq=5, num_running_reqs=3)  # duplicate
         sent(epoch=50, seq=9, num_running_reqs=4)  # older epoch while 100 is live
         sent(epoch=100, seq=6, num_running_reqs=5)
-        assert wait_until(lambda: collector.stats.received == 5), collector.stats_dict()
+        assert wait_until(lambda: collector.stats.received == 5, WAIT_S), collector.stats_dict()
         assert collector.stats.out_of_order == 2 and collector.stats.stale_epoch == 1
         assert running_reqs(reader, (1,)) == {1: 5}
         sent(epoch=200, seq=1, num_running_reqs=6)  # a restarted writer: new epoch, seq from 1
-        assert wait_until(lambda: running_reqs(reader, (1,)) == {1: 6})
+        assert wait_until(lambda: running_reqs(reader, (1,)) == {1: 6}, WAIT_S)
         time.sleep(0.35)  # let epoch 200 go quiet past epoch_takeover_s
         sent(epoch=150, seq=1, num_running_reqs=7)  # rank moved to a host whose clock is behind
-        assert wait_until(lambda: running_reqs(reader, (1,)) == {1: 7})
+        assert wait_until(lambda: running_reqs(reader, (1,)) == {1: 7}, WAIT_S)
         assert collector.stats.epoch_takeovers == 1
         read = reader.read(1)
         assert read.snapshot is not None and read.snapshot.epoch == 150
@@ -365,7 +248,7 @@ def test_receive_time_replaces_remote_clock(instance: str) -> None:
         )
         reader = ShmReader(instance, stale_after_s=2.0)
         assert wait_until(
-            lambda: bool(read_segment(reader)) and reader.read(0).snapshot is not None
+            lambda: bool(read_segment(reader)) and reader.read(0).snapshot is not None, WAIT_S
         )
         read = reader.read(0)
         assert read.status is SlotStatus.FRESH
@@ -443,7 +326,7 @@ def test_segment_mismatch_is_counted_not_fatal(instance: str) -> None:
         push = raw_push(context, collector.endpoint)
         for seq in range(1, 51):
             push.send(encode_frame(instance, LoadSnapshot(dp_rank=1, epoch=1, seq=seq)))
-        assert wait_until(lambda: collector.stats.received == 50), collector.stats_dict()
+        assert wait_until(lambda: collector.stats.received == 50, WAIT_S), collector.stats_dict()
         assert collector.stats.relay_errors == 50 and collector.stats.relayed == 0
         assert collector.running
     finally:

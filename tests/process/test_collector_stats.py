@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -29,8 +28,9 @@ from loadsnap.collector_stats import (
     read_collector_stats,
 )
 from loadsnap.frame import encode_frame
-from tests.chaos.test_chaos import report, wait_until
+from tests.helpers import free_port, report, stop_process, wait_until
 
+WAIT_S = 15.0
 _SIZES = {"u32": 4, "u64": 8}
 _ROW_RE = re.compile(r"^\s*(\d+) \+[-+]+\+\s*$")
 _CELL_RE = re.compile(r'^(\w+)\s+(?:"[^"]*"\s+)?(u32|u64)\b')
@@ -219,7 +219,7 @@ def test_collector_keeps_its_file_current_and_removes_it(instance: str, stats_di
             read = read_collector_stats(instance, stats_dir)
             return read is not None and read.stats.relayed == 1 and read.stats.wrong_instance == 1
 
-        assert wait_until(counted), collector.stats_dict()
+        assert wait_until(counted, WAIT_S), collector.stats_dict()
         read = read_collector_stats(instance, stats_dir)
         assert read is not None and read.pid == os.getpid()
         push.close(linger=0)
@@ -233,13 +233,6 @@ def test_collector_keeps_its_file_current_and_removes_it(instance: str, stats_di
 # --- /metrics of `loadsnap serve`, a separate process from `loadsnap collector` --------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _cli(*args: str, shm_dir: str) -> subprocess.Popen[str]:
     env = {**os.environ, "LOADSNAP_SHM_DIR": shm_dir}
     return subprocess.Popen(
@@ -251,23 +244,12 @@ def _cli(*args: str, shm_dir: str) -> subprocess.Popen[str]:
     )
 
 
-def _stop(proc: subprocess.Popen[str]) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-    try:
-        out, err = proc.communicate(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    return out + err
-
-
 @pytest.fixture
 def processes(instance: str, stats_dir: str) -> Iterator[list[subprocess.Popen[str]]]:
     procs: list[subprocess.Popen[str]] = []
     yield procs
     for proc in procs:
-        _stop(proc)
+        stop_process(proc, signal.SIGINT, 15.0)
     path = collector_lock_path(instance, stats_dir)
     if os.path.exists(path):
         os.unlink(path)
@@ -292,7 +274,7 @@ def _value(url: str, name: str) -> float | None:
 def test_serve_metrics_show_a_separate_collectors_drops(
     instance: str, stats_dir: str, processes: list[subprocess.Popen[str]]
 ) -> None:
-    collector_port, http_port = _free_port(), _free_port()
+    collector_port, http_port = free_port(), free_port()
     endpoint = f"tcp://127.0.0.1:{collector_port}"
     processes.append(
         _cli(
@@ -363,6 +345,6 @@ def test_serve_metrics_show_a_separate_collectors_drops(
             "disconnects": _value(metrics, "loadsnap_collector_disconnects"),
         },
     )
-    collector_out = _stop(processes[0])
-    assert wait_until(lambda: _value(metrics, "loadsnap_collector_frames_received") is None)
+    collector_out = "".join(stop_process(processes[0], signal.SIGINT, 15.0))
+    assert wait_until(lambda: _value(metrics, "loadsnap_collector_frames_received") is None, WAIT_S)
     assert "loadsnap collector" in collector_out

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -24,8 +23,8 @@ import pytest
 from loadsnap import LoadSnapshot, LoraSection, ShmReader, ShmWriter, SlotRead, SlotStatus
 from loadsnap._seqlock import WriteStep, build_record, write_steps
 from loadsnap.layout import RECORD_HEADER_SIZE, hot_values
+from tests.helpers import ROOT
 
-_ROOT = Path(__file__).resolve().parents[2]
 _TIMEOUT_S = 30.0
 _OLD_NS = 10 * 10**9  # records claim to be 10 s old, so readers probe the writer's liveness now
 _EXIT_CODE = 3
@@ -89,7 +88,7 @@ def _crash(instance: str, prior: int, stop: str, how: str) -> None:
     )
     done = subprocess.run(
         [sys.executable, "-c", code, instance, str(prior), stop, how],
-        cwd=_ROOT,
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=_TIMEOUT_S,

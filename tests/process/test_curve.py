@@ -6,7 +6,6 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,18 +27,11 @@ from loadsnap.curve import (
 from loadsnap.errors import TransportError, UsageError
 from loadsnap.transport import make_writer
 from loadsnap.zmq_writer import ZmqWriter
-from tests.chaos.test_chaos import report
-from tests.process.test_collector import running_reqs, wait_until
+from tests.helpers import report, running_reqs, wait_until
+
+WAIT_S = 10.0
 
 pytestmark = pytest.mark.skipif(not curve_available(), reason="libzmq built without CURVE")
-
-
-@pytest.fixture
-def lock_cleanup(instance: str) -> Iterator[None]:
-    yield
-    path = collector_lock_path(instance)
-    if os.path.exists(path):
-        os.unlink(path)
 
 
 def mode_of(path: Path) -> int:
@@ -179,7 +171,7 @@ def test_keys_generate_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "may publish any rank" not in out
 
 
-@pytest.mark.usefixtures("lock_cleanup")
+@pytest.mark.usefixtures("collector_lock_cleanup")
 def test_listed_key_passes_unlisted_and_plain_do_not(instance: str, tmp_path: Path) -> None:
     keys = generate_keys(tmp_path / "keys", clients=1)
     stranger = generate_keys(tmp_path / "stranger", clients=1)  # valid keys, not on the list
@@ -212,7 +204,7 @@ def test_listed_key_passes_unlisted_and_plain_do_not(instance: str, tmp_path: Pa
             seen = running_reqs(reader, (0,)) == {0: 1}
             return seen and stats.auth_rejected >= 1 and stats.handshake_failed >= 1
 
-        assert wait_until(settled), collector.stats_dict()
+        assert wait_until(settled, WAIT_S), collector.stats_dict()
         time.sleep(0.2)  # the rejected writers keep trying; none of it may land
         for rank, writer in enumerate(writers):
             writer.publish(LoadSnapshot(dp_rank=rank, num_running_reqs=rank + 1))
@@ -228,7 +220,7 @@ def test_listed_key_passes_unlisted_and_plain_do_not(instance: str, tmp_path: Pa
         collector.close()
 
 
-@pytest.mark.usefixtures("lock_cleanup")
+@pytest.mark.usefixtures("collector_lock_cleanup")
 def test_wrong_keys_logged_on_both_sides(
     instance: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -279,7 +271,7 @@ def test_wrong_keys_logged_on_both_sides(
                 and bool(named)
             )
 
-        assert wait_until(settled), collector.stats_dict()
+        assert wait_until(settled, WAIT_S), collector.stats_dict()
         assert all(w.stats.sent == 0 for w in writers)
         failures = {
             "unlisted": [w.stats.handshake_failures for w in unlisted],
@@ -332,7 +324,7 @@ def test_wrong_keys_logged_on_both_sides(
     )
 
 
-@pytest.mark.usefixtures("lock_cleanup")
+@pytest.mark.usefixtures("collector_lock_cleanup")
 def test_make_writer_reads_curve_keys_from_env(
     instance: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -350,7 +342,7 @@ def test_make_writer_reads_curve_keys_from_env(
             writer.publish(LoadSnapshot(dp_rank=1, num_running_reqs=4))
             return running_reqs(reader, (1,)) == {1: 4}
 
-        assert wait_until(arrived), collector.stats_dict()
+        assert wait_until(arrived, WAIT_S), collector.stats_dict()
         reader.close()
     finally:
         writer.close()

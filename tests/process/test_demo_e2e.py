@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import queue
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import time
-import uuid
 from collections.abc import Iterator
-from typing import IO
 
 import httpx
 import pytest
@@ -21,10 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadsnap import segment_path, unlink_segment
 from loadsnap.cli import build_parser
+from tests.helpers import Demo, check_promtool, unique_instance, wait_until
 
 DP = 4
-STARTUP_TIMEOUT_S = 60.0
-URL_RE = re.compile(r"(http://127\.0\.0\.1:\d+)/v1/loads$")
 
 
 def _demo_is_real() -> bool:
@@ -40,91 +34,27 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _pump(stream: IO[str], lines: queue.Queue[str]) -> None:
-    for line in stream:
-        lines.put(line.rstrip("\n"))
-
-
-class Demo:
-    def __init__(self, proc: subprocess.Popen[str], instance: str) -> None:
-        self.proc = proc
-        self.instance = instance
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.output: list[str] = []
-        assert proc.stdout is not None
-        self.pump = threading.Thread(target=_pump, args=(proc.stdout, self.lines), daemon=True)
-        self.pump.start()
-
-    def wait_for_url(self) -> str:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.5)
-            except queue.Empty:
-                assert self.proc.poll() is None, f"demo exited: {self.output}"
-                continue
-            self.output.append(line)
-            match = URL_RE.search(line)
-            if match:
-                return match.group(1)
-        raise AssertionError(f"demo printed no URL: {self.output}")
-
-
-def _start(extra: list[str]) -> Demo:
-    instance = f"e2e-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    cmd = [sys.executable, "-m", "loadsnap", "demo", "--instance", instance, "--port", "0"]
-    cmd += ["--duration-s", "60", "--no-table", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return Demo(proc, instance)
-
-
-def _stop(demo: Demo) -> None:
-    proc = demo.proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    demo.pump.join(10)  # EOF once the demo exits
-    if proc.stdout is not None:
-        proc.stdout.close()
-    unlink_segment(demo.instance)
+@contextlib.contextmanager
+def _running(*args: str) -> Iterator[Demo]:
+    """A demo for 60 s with ``args``; stopped (Ctrl-C) and its segment removed on exit."""
+    demo = Demo.start(unique_instance("e2e", 6), "--duration-s", "60", *args)
+    try:
+        yield demo
+    finally:
+        demo.stop(20.0)
+        unlink_segment(demo.instance)
 
 
 @pytest.fixture
 def demo() -> Iterator[Demo]:
-    started = _start(["--dp-size", str(DP)])
-    try:
+    with _running("--dp-size", str(DP)) as started:
         yield started
-    finally:
-        _stop(started)
 
 
 @pytest.fixture
 def zmq_demo() -> Iterator[Demo]:
-    started = _start(["--dp-size", "2", "--transport", "zmq", "--workload", "tiny"])
-    try:
+    with _running("--dp-size", "2", "--transport", "zmq", "--workload", "tiny") as started:
         yield started
-    finally:
-        _stop(started)
-
-
-@pytest.fixture
-def promtool() -> str:
-    """promtool's path; skips (before any demo starts) where it is not installed."""
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool not installed (Debian package `prometheus` ships it)")
-    return path
-
-
-def _promtool_check(promtool: str, text: str) -> None:
-    result = subprocess.run(
-        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def _processes_mentioning(instance: str) -> list[int]:
@@ -195,9 +125,7 @@ def test_demo_end_to_end(demo: Demo) -> None:
     demo.proc.send_signal(signal.SIGINT)
     assert demo.proc.wait(30) == 0
     assert not os.path.exists(segment_path(demo.instance))
-    deadline = time.monotonic() + 10.0
-    while _processes_mentioning(demo.instance) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: not _processes_mentioning(demo.instance), 10.0, 0.1)
     assert _processes_mentioning(demo.instance) == []
 
 
@@ -209,7 +137,7 @@ def test_demo_prometheus_text_passes_promtool(promtool: str, demo: Demo) -> None
         for path, params in (("/v1/loads", {"format": "prometheus"}), ("/metrics", {})):
             response = client.get(path, params=params)
             assert response.status_code == 200
-            _promtool_check(promtool, response.text)
+            check_promtool(promtool, response.text)
 
 
 COLLECTOR_RE = re.compile(r"collector on (tcp://127\.0\.0\.1:\d+)")
@@ -248,15 +176,13 @@ def test_zmq_demo_metrics_show_collector_drops(zmq_demo: Demo) -> None:
             relayed = _metric(text, "loadsnap_collector_frames_relayed").get("", 0.0)
             return dropped.get("wrong_instance", 0.0) >= 2 and relayed > 0
 
-        deadline = time.monotonic() + 20.0
-        while time.monotonic() < deadline and not shown():
-            time.sleep(0.1)
+        wait_until(shown, 20.0, 0.1)
         text = client.get("/metrics").text
         assert shown(), text
         push.close(linger=0)  # only now: LINGER 0 discards what is not sent yet
         assert "# HELP loadsnap_collector_disconnects_total" in text
         if (promtool := shutil.which("promtool")) is not None:
-            _promtool_check(promtool, text)
+            check_promtool(promtool, text)
     finally:
         context.term()
         client.close()

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,10 +39,17 @@ from dp_controller.harness.fleet import (
 )
 from loadsnap import ShmReader, SlotStatus, segment_path, unlink_segment
 from loadsnap.errors import SegmentError, TransportError
-from tests.chaos.test_chaos import report, wait_until
-from tests.process.test_demo_e2e import Demo
+from tests.helpers import (
+    ROOT,
+    Demo,
+    demo_command,
+    pid_alive,
+    report,
+    stop_process,
+    unique_instance,
+    wait_until,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
 DP = 4
 WAIT_S = 30.0
 SECOND_START_LIMIT_S = 10.0  # "within seconds": the second deployment must give up this fast
@@ -58,7 +64,7 @@ STOPPED_RE = re.compile(r"stopped; (\d+) dispatched, (\d+) finished, (\d+) faile
 @pytest.fixture
 def name() -> Iterator[str]:
     """A unique instance name; whatever a failed test left under it is removed afterwards."""
-    instance = f"fl-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    instance = unique_instance("fl")
     yield instance
     unlink_segment(instance)
     for path in _named_after(instance):
@@ -74,39 +80,6 @@ def _named_after(instance: str) -> list[str]:
     return sorted(p for d in dirs for p in glob.glob(os.path.join(d, f"*{instance}*")))
 
 
-def _demo_cmd(instance: str, *args: str) -> list[str]:
-    demo = [sys.executable, "-m", "loadsnap", "demo", "--instance", instance]
-    return [*demo, "--port", "0", "--no-table", *args]
-
-
-def _start_demo(instance: str, *args: str, new_session: bool = False) -> Demo:
-    proc = subprocess.Popen(
-        _demo_cmd(instance, *args),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=new_session,
-    )
-    return Demo(proc, instance)
-
-
-def _stop_demo(demo: Demo) -> None:
-    proc = demo.proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(WAIT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(WAIT_S)
-    demo.pump.join(WAIT_S)
-    if proc.stdout is not None:
-        proc.stdout.close()
-    while not demo.lines.empty():
-        demo.output.append(demo.lines.get())
-
-
 def _children(pid: int) -> list[int]:
     """Pids whose parent is ``pid`` (from /proc/*/stat)."""
     found = []
@@ -120,15 +93,6 @@ def _children(pid: int) -> list[int]:
             if int(fields[1]) == pid:
                 found.append(int(entry))
     return found
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, exited and waiting for init to reap it, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _manual_scheduler(instance: str, dp_size: int, rank: int, tmp: Path) -> subprocess.Popen[bytes]:
@@ -160,27 +124,17 @@ def _fresh(instance: str, rank: int) -> bool:
             return False
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(WAIT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(WAIT_S)
-
-
 # --- a second deployment of a running instance ------------------------------------------------
 
 
 def test_second_deployment_fails_fast_first_keeps_serving(name: str) -> None:
-    first = _start_demo(name, "--dp-size", str(DP), "--duration-s", "60")
+    first = Demo.start(name, "--dp-size", str(DP), "--duration-s", "60")
     try:
         base = first.wait_for_url()
         segment = os.stat(segment_path(name))
         seconds: list[float] = []
         for cmd in (
-            _demo_cmd(name, "--dp-size", str(DP), "--duration-s", "5"),
+            demo_command(name, "--dp-size", str(DP), "--duration-s", "5"),
             [sys.executable, "-m", "dp_controller", "--spawn", "--instance", name],
         ):
             start = time.monotonic()
@@ -210,7 +164,7 @@ def test_second_deployment_fails_fast_first_keeps_serving(name: str) -> None:
         first.proc.send_signal(signal.SIGINT)
         assert first.proc.wait(WAIT_S) == 0
     finally:
-        _stop_demo(first)
+        first.stop(WAIT_S)
     match = STOPPED_RE.search(first.output[-1])
     assert match is not None, first.output
     dispatched, finished, failed = (int(g) for g in match.groups())
@@ -245,7 +199,7 @@ def test_fleet_refuses_a_claimed_instance_before_spawning(instance: str) -> None
 @linux_only
 @pytest.mark.parametrize("transport", ["shm", "zmq"])
 def test_sigkill_demo_leaves_no_child_and_next_start_reclaims(name: str, transport: str) -> None:
-    demo = _start_demo(
+    demo = Demo.start(
         name, "--dp-size", str(DP), "--duration-s", "30", "--transport", transport, new_session=True
     )
     children: list[int] = []
@@ -256,17 +210,17 @@ def test_sigkill_demo_leaves_no_child_and_next_start_reclaims(name: str, transpo
         killed = time.monotonic()
         os.kill(demo.proc.pid, signal.SIGKILL)  # the group leader only
         demo.proc.wait(WAIT_S)
-        assert wait_until(lambda: not any(map(_alive, children)), CHILDREN_GONE_S, 0.005)
+        assert wait_until(lambda: not any(map(pid_alive, children)), CHILDREN_GONE_S, 0.005)
         gone_s = time.monotonic() - killed
     finally:
         for pid in children:  # only if the test failed: never leave them behind
-            if _alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
-        _stop_demo(demo)
+        demo.stop(WAIT_S)
     left = [os.path.basename(p) for p in _named_after(name)]
 
     second = subprocess.run(
-        _demo_cmd(name, "--dp-size", str(DP), "--duration-s", "3", "--transport", transport),
+        demo_command(name, "--dp-size", str(DP), "--duration-s", "3", "--transport", transport),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -308,7 +262,7 @@ def test_lock_held_until_the_killed_fleets_last_scheduler_exits(name: str) -> No
         with pytest.raises(InstanceRunningError):
             claim_instance(name)
         os.kill(child, signal.SIGCONT)  # the pending SIGTERM is delivered: a clean stop
-        assert wait_until(lambda: not _alive(child), WAIT_S)
+        assert wait_until(lambda: not pid_alive(child), WAIT_S)
         lock = claim_instance(name)
         lock.release(remove=True)
     finally:
@@ -316,7 +270,7 @@ def test_lock_held_until_the_killed_fleets_last_scheduler_exits(name: str) -> No
             parent.stdout.close()
         parent.kill()
         parent.wait(WAIT_S)
-        if child and _alive(child):
+        if child and pid_alive(child):
             os.kill(child, signal.SIGKILL)
 
 
@@ -342,7 +296,7 @@ def test_startup_error_reaches_the_user_and_foreign_segment_survives(
         assert "already has a live writer" in message
 
         demo = subprocess.run(
-            _demo_cmd(name, "--dp-size", "1", "--duration-s", "5"),
+            demo_command(name, "--dp-size", "1", "--duration-s", "5"),
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -359,7 +313,7 @@ def test_startup_error_reaches_the_user_and_foreign_segment_survives(
         assert manual.poll() is None
         assert wait_until(lambda: _fresh(name, 0), WAIT_S)
     finally:
-        _stop(manual)
+        stop_process(manual, timeout_s=WAIT_S)
     assert _named_after(name) == []
 
 
@@ -382,7 +336,7 @@ def test_startup_error_quoted_and_kept_in_log_dir(instance: str, tmp_path: Path)
 def _unlink_refuses_live_writers() -> bool:
     """Whether ``unlink_segment`` refuses a segment that another process writes (the rule of
     the shared-memory core's rewrite)."""
-    probe = f"probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    probe = unique_instance("probe")
     script = (
         "import sys\n"
         "from loadsnap.shm_writer import ShmWriter\n"
@@ -433,7 +387,7 @@ def test_close_after_a_killed_rank_leaves_a_foreign_writers_segment(
         assert os.path.exists(segment_path(name))
         assert wait_until(lambda: _fresh(name, 0), WAIT_S)
     finally:
-        _stop(manual)
+        stop_process(manual, timeout_s=WAIT_S)
 
 
 # --- the ipc directory --------------------------------------------------------------------------

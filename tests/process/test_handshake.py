@@ -13,7 +13,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from loadsnap._handshake import HandshakeWatch, WarnLimiter, describe_failure
 from loadsnap.curve import curve_available
-from tests.chaos.test_chaos import report
+from tests.helpers import report
 
 Context = zmq.Context[zmq.Socket[bytes]]
 WAIT_S = 5.0

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +29,7 @@ from loadsnap.http import LockedSource, loads_router, parse_loads_query
 from loadsnap.layout import HEADER_SIZE, HEADER_STRUCT, LAYOUT_MAJOR, LAYOUT_MINOR, MAGIC
 from loadsnap.metrics import LoadsnapCollector
 from loadsnap.server import ServerThread, create_app
+from tests.helpers import check_promtool, promtool_path
 
 DP = 3
 
@@ -48,13 +47,8 @@ def _snapshot(rank: int) -> LoadSnapshot:
 
 
 @pytest.fixture
-def writers(instance: str) -> Iterator[list[ShmWriter]]:
-    ws = [ShmWriter(instance, DP, rank) for rank in range(DP)]
-    try:
-        yield ws
-    finally:
-        for w in ws:
-            w.close()
+def dp_size() -> int:
+    return DP
 
 
 @pytest.fixture
@@ -79,15 +73,6 @@ def _unique_series(text: str, openmetrics: bool = False) -> list[tuple[str, Any]
     series = [(s.name, tuple(sorted(s.labels.items()))) for f in parse(text) for s in f.samples]
     assert len(series) == len(set(series)), "duplicate series"
     return series
-
-
-def _promtool(text: str) -> None:
-    if shutil.which("promtool") is None:
-        pytest.skip("promtool not installed (Debian package `prometheus` ships it)")
-    result = subprocess.run(
-        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --- happy paths ------------------------------------------------------------------------------
@@ -125,7 +110,7 @@ def test_prometheus_text(server: ServerThread, published: list[ShmWriter]) -> No
     running = {dict(labels)["dp_rank"] for name, labels in series if name.endswith("running")}
     assert running == {"0", "1", "2"}
     assert all(dict(labels)["model"] == "m" for _, labels in series)
-    _promtool(response.text)
+    check_promtool(promtool_path(), response.text)
 
 
 def test_openmetrics_via_accept_header(server: ServerThread, published: list[ShmWriter]) -> None:
@@ -258,7 +243,7 @@ def test_metrics_and_healthz(server: ServerThread, published: list[ShmWriter]) -
     refused = families["loadsnap_slot_refused_payloads"].samples
     assert [s.value for s in refused] == [0.0, 0.0, 0.0]
     _unique_series(response.text)
-    _promtool(response.text)
+    check_promtool(promtool_path(), response.text)
     health = _get(server, "/healthz")
     assert health.status_code == 200
     assert health.json()["ranks"]["fresh"] == DP

@@ -7,14 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from scheduler.lifeline import PARENT_PID_ENV, child_env, die_with_parent
+from tests.helpers import ROOT, pid_alive, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 15.0
 
 linux_only = pytest.mark.skipif(
@@ -53,15 +52,6 @@ time.sleep(600)
 """
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _scheduler(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     cmd = [
         sys.executable,
@@ -94,20 +84,17 @@ def test_child_gets_sigterm_when_its_parent_is_killed(tmp_path: Path) -> None:
     try:
         assert parent.stdout is not None
         child = int(parent.stdout.readline())
-        assert _alive(child)
+        assert pid_alive(child)
         parent.kill()
         parent.wait(WAIT_S)
-        deadline = time.monotonic() + WAIT_S
-        while _alive(child) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not _alive(child)
+        assert wait_until(lambda: not pid_alive(child), WAIT_S)
         assert marker.read_text() == "SIGTERM"
     finally:
         parent.kill()
         parent.wait(WAIT_S)
         if parent.stdout is not None:
             parent.stdout.close()
-        if child and _alive(child):  # the mechanism failed: do not leave the orphan behind
+        if child and pid_alive(child):  # the mechanism failed: do not leave the orphan behind
             os.kill(child, signal.SIGKILL)
 
 

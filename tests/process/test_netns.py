@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -24,7 +23,7 @@ import pytest
 from loadsnap import ShmReader, SlotStatus
 from loadsnap.collector import collector_lock_path
 from loadsnap.curve import curve_available, generate_keys
-from tests.process.test_collector import read_segment, spawn_writer, stop_writers, wait_until
+from tests.helpers import read_segment, spawn_writer, stop_process, stop_writers, wait_until
 
 PORT = 5557
 SUBNET = "10.231"
@@ -98,17 +97,6 @@ def namespaces() -> Iterator[tuple[str, list[str]]]:
             _ip("netns", "del", ns)
 
 
-def _stop(proc: subprocess.Popen[str]) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        out, _ = proc.communicate(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out
-
-
 def _collector_cmd(ns: str, instance: str, keys: Path) -> Sequence[str]:
     return [
         *("ip", "netns", "exec", ns, sys.executable, "-m", "loadsnap", "collector"),
@@ -155,7 +143,7 @@ def test_writers_in_other_namespaces_reach_collector(
         reader.close()
     finally:
         results = stop_writers(writers)
-        out = _stop(collector)
+        out, _ = stop_process(collector)
         path = collector_lock_path(instance)
         if os.path.exists(path):
             os.unlink(path)

@@ -8,7 +8,6 @@ file descriptors) and checks every one is on 127.0.0.1 or ::1.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 
 from loadsnap.collector import collector_lock_path, is_loopback_endpoint
 from loadsnap.settings import DEFAULT_COLLECTOR_BIND as DEFAULT_BIND
-from tests.chaos.test_chaos import report
+from tests.helpers import free_port, report, stop_process
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
 
@@ -53,13 +52,6 @@ def listening(pid: int) -> list[tuple[str, int]]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def wait_listening(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> list[tuple[str, int]]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -70,16 +62,6 @@ def wait_listening(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> li
             return found
         time.sleep(0.05)
     return []
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5.0)
 
 
 def clean_env() -> dict[str, str]:
@@ -98,7 +80,7 @@ def test_serve_binds_loopback_by_default(instance: str) -> None:
         assert all(addr in (LOOPBACK_V4, LOOPBACK_V6) for addr, _ in found), found
         assert {p for _, p in found} == {port}
     finally:
-        stop(proc)
+        stop_process(proc)
     report("net_serve", {"listening": [f"{a}:{p}" for a, p in found], "loopback_only": True})
 
 
@@ -132,8 +114,7 @@ def test_collector_binds_loopback_by_default(instance: str) -> None:
         assert all(addr in (LOOPBACK_V4, LOOPBACK_V6) for addr, _ in found), found
         assert {p for _, p in found} == {int(port)}
     finally:
-        stop(proc)
-        _, err = proc.communicate(timeout=5.0)
+        _, err = stop_process(proc)
         path = collector_lock_path(instance)
         if os.path.exists(path):
             os.unlink(path)

@@ -31,8 +31,8 @@ from scheduler.messages import (
     encode_message,
 )
 from scheduler.process import SchedulerOptions, SchedulerProcess
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 DEADLINE_S = 15.0
 
 

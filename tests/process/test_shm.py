@@ -36,12 +36,9 @@ _STAMPED = ("seq", "epoch", "publish_mono_ns", "publish_wall_ns")
 
 
 @pytest.fixture
-def writers(instance: str) -> Iterator[list[ShmWriter]]:
-    """Writers for ranks 0..3 of a 4-rank instance."""
-    opened = [ShmWriter(instance, 4, rank) for rank in range(4)]
-    yield opened
-    for writer in opened:
-        writer.close()
+def dp_size() -> int:
+    """``writers`` opens ranks 0..3 of a 4-rank instance."""
+    return 4
 
 
 def _snapshot(rank: int, k: int = 1) -> LoadSnapshot:

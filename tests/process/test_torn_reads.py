@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,8 +43,8 @@ from loadsnap.layout import (
     RECORD_HEADER_SIZE,
     SegmentGeometry,
 )
+from tests.helpers import ROOT
 
-_ROOT = Path(__file__).resolve().parents[2]
 _DP_SIZE = 2
 _CAPACITY = 1024
 _DURATION_S = 2.5
@@ -217,7 +216,7 @@ def _spawn(call: str, *args: str, stdin: bool = False) -> subprocess.Popen[str]:
     code = f"import sys; from tests.process.test_torn_reads import {call.split('(')[0]}; {call}"
     return subprocess.Popen(
         [sys.executable, "-c", code, *args],
-        cwd=_ROOT,
+        cwd=ROOT,
         stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

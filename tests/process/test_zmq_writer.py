@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 
@@ -19,6 +18,7 @@ from loadsnap.transport import (
     resolve_collector,
 )
 from loadsnap.zmq_writer import ZmqWriter, make_epoch
+from tests.helpers import free_port
 
 Context = zmq.Context[zmq.Socket[bytes]]
 INSTANCE = "zmq-writer-test"
@@ -33,10 +33,7 @@ def decoded(data: bytes) -> LoadSnapshot:
 
 def free_endpoint(context: Context) -> str:
     """A loopback endpoint with nothing bound to it (a port the kernel just handed out)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"tcp://127.0.0.1:{port}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 def pull(context: Context, endpoint: str) -> zmq.Socket[bytes]:

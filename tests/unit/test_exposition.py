@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from typing import Any
 
 import pytest
@@ -22,6 +20,7 @@ from loadsnap import (
     UsageError,
 )
 from loadsnap.exposition import CORE_METRICS, render_json, render_prometheus, render_table
+from tests.helpers import check_promtool
 
 FIXED_NOW = 1_700_000_000.5
 
@@ -351,15 +350,6 @@ def _series(text: str, openmetrics: bool = False) -> list[tuple[str, tuple[tuple
     ]
 
 
-def _promtool(text: str) -> None:
-    if shutil.which("promtool") is None:
-        pytest.skip("promtool not installed (Debian package `prometheus` ships it)")
-    result = subprocess.run(
-        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 def test_prometheus_golden_native() -> None:
     text = render_prometheus(
         fixed_reads(), const_labels={"model": "llama-8b", "instance": "demo"}, include="all"
@@ -439,9 +429,9 @@ def test_openmetrics_output_parses_and_ends_with_eof() -> None:
     assert ("loadsnap_publishes_total", (("dp_rank", "0"),)) in series
 
 
-def test_promtool_accepts_both_prefixes() -> None:
-    _promtool(GOLDEN_NATIVE)
-    _promtool(GOLDEN_SGLANG_CORE)
+def test_promtool_accepts_both_prefixes(promtool: str) -> None:
+    check_promtool(promtool, GOLDEN_NATIVE)
+    check_promtool(promtool, GOLDEN_SGLANG_CORE)
 
 
 def test_label_values_are_escaped() -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT
+
 PACKAGES = ("loadsnap", "scheduler", "dp_controller")
 MAX_MODULE_LINES = 500
 

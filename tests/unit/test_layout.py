@@ -14,8 +14,7 @@ from loadsnap import layout
 from loadsnap.errors import UsageError
 from loadsnap.layout import SegmentGeometry
 from loadsnap.schema import LoadSnapshot
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT
 
 _SIZES = {"u16": 2, "u32": 4, "u64": 8}
 _CODES = {"H": "u16", "I": "u32", "Q": "u64"}
