@@ -102,6 +102,22 @@ def stop_process(
         return proc.communicate()
 
 
+def loadsnap_command(*args: str) -> list[str]:
+    """``python -m loadsnap ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "loadsnap", *args]
+
+
+def scheduler_command(
+    instance: str, dp_size: int, rank: int, request_addr: str, result_addr: str, *args: str
+) -> list[str]:
+    """``python -m scheduler`` for ``rank`` of ``instance``; ``args`` follow the required flags."""
+    return [
+        *(sys.executable, "-m", "scheduler", "--instance", instance, "--dp-size", str(dp_size)),
+        *("--dp-rank", str(rank), "--request-addr", request_addr, "--result-addr", result_addr),
+        *args,
+    ]
+
+
 # --- promtool ---------------------------------------------------------------------------------
 
 PROMTOOL_MISSING: Final[str] = "promtool not installed (Debian package `prometheus` ships it)"
@@ -261,8 +277,7 @@ DEMO_URL_RE: Final[re.Pattern[str]] = re.compile(r"(http://127\.0\.0\.1:\d+)/v1/
 
 def demo_command(instance: str, *args: str) -> list[str]:
     """``loadsnap demo --instance INSTANCE --port 0 --no-table ARGS``."""
-    demo = [sys.executable, "-m", "loadsnap", "demo", "--instance", instance]
-    return [*demo, "--port", "0", "--no-table", *args]
+    return loadsnap_command("demo", "--instance", instance, "--port", "0", "--no-table", *args)
 
 
 def _pump(stream: IO[str], lines: queue.Queue[str]) -> None:

@@ -33,7 +33,7 @@ from loadsnap import ShmReader, SlotStatus
 from loadsnap.errors import UsageError
 from loadsnap.server import ServerThread, create_app
 from scheduler.messages import Finished
-from tests.helpers import report, wait_until
+from tests.helpers import report, scheduler_command, wait_until
 
 STALE_S = 0.5  # staleness budget of every reader in this file
 # Heartbeats well inside the budget; slow enough steps that requests are in flight at a kill.
@@ -50,22 +50,14 @@ WAIT_S = 15.0
 
 
 def scheduler_cmd(fleet: SchedulerFleet, rank: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "scheduler",
-        "--instance",
+    return scheduler_command(
         fleet.instance,
-        "--dp-size",
-        str(fleet.dp_size),
-        "--dp-rank",
-        str(rank),
-        "--request-addr",
+        fleet.dp_size,
+        rank,
         fleet.request_addrs[rank],
-        "--result-addr",
         fleet.result_addr,
         *SCHED_ARGS,
-    ]
+    )
 
 
 def slot_seqs(reader: ShmReader) -> list[int]:

@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
@@ -16,7 +15,7 @@ import pytest
 from loadsnap import LoadSnapshot, ShmWriter
 from loadsnap.cli import build_parser, main
 from loadsnap.layout import LAYOUT_MAJOR, LAYOUT_MINOR
-from tests.helpers import free_port
+from tests.helpers import free_port, loadsnap_command
 
 DP = 2
 
@@ -72,7 +71,7 @@ def test_inspect_missing_segment(instance: str, capsys: pytest.CaptureFixture[st
 
 def test_top_once(instance: str, published: list[ShmWriter]) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "loadsnap", "top", "--instance", instance, "--once"],
+        loadsnap_command("top", "--instance", instance, "--once"),
         capture_output=True,
         text=True,
         timeout=30,
@@ -92,18 +91,9 @@ def test_top_once_missing(instance: str, capsys: pytest.CaptureFixture[str]) -> 
 def test_serve_smoke(instance: str, published: list[ShmWriter]) -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loadsnap",
-            "serve",
-            "--instance",
-            instance,
-            "--port",
-            str(port),
-            "--label",
-            "model=m",
-        ],
+        loadsnap_command(
+            "serve", "--instance", instance, "--port", str(port), "--label", "model=m"
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 from typing import Any
 
@@ -22,7 +21,15 @@ from loadsnap import LoadSnapshot, ShmReader, ShmWriter, SlotStatus
 from loadsnap.collector import Collector, collector_lock_path
 from loadsnap.errors import TransportError
 from loadsnap.frame import encode_frame
-from tests.helpers import read_segment, report, running_reqs, spawn_writer, stop_writers, wait_until
+from tests.helpers import (
+    loadsnap_command,
+    read_segment,
+    report,
+    running_reqs,
+    spawn_writer,
+    stop_writers,
+    wait_until,
+)
 
 LOOPBACK_ANY_PORT = "tcp://127.0.0.1:*"
 WAIT_S = 10.0
@@ -282,22 +289,10 @@ def test_bind_failure_releases_lock(instance: str) -> None:
 
 def test_collector_cli_runs_for_duration(instance: str) -> None:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loadsnap",
-            "collector",
-            "--instance",
-            instance,
-            "--dp-size",
-            "2",
-            "--bind",
-            LOOPBACK_ANY_PORT,
-            "--duration-s",
-            "0.5",
-            "--stats-interval-s",
-            "0",
-        ],
+        loadsnap_command(
+            *("collector", "--instance", instance, "--dp-size", "2", "--bind", LOOPBACK_ANY_PORT),
+            *("--duration-s", "0.5", "--stats-interval-s", "0"),
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -8,7 +8,6 @@ import re
 import signal
 import struct
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from loadsnap.collector_stats import (
     read_collector_stats,
 )
 from loadsnap.frame import encode_frame
-from tests.helpers import free_port, report, stop_process, wait_until
+from tests.helpers import free_port, loadsnap_command, report, stop_process, wait_until
 
 WAIT_S = 15.0
 _SIZES = {"u32": 4, "u64": 8}
@@ -236,7 +235,7 @@ def test_collector_keeps_its_file_current_and_removes_it(instance: str, stats_di
 def _cli(*args: str, shm_dir: str) -> subprocess.Popen[str]:
     env = {**os.environ, "LOADSNAP_SHM_DIR": shm_dir}
     return subprocess.Popen(
-        [sys.executable, "-m", "loadsnap", *args],
+        loadsnap_command(*args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -45,6 +45,7 @@ from tests.helpers import (
     demo_command,
     pid_alive,
     report,
+    scheduler_command,
     stop_process,
     unique_instance,
     wait_until,
@@ -97,22 +98,10 @@ def _children(pid: int) -> list[int]:
 
 def _manual_scheduler(instance: str, dp_size: int, rank: int, tmp: Path) -> subprocess.Popen[bytes]:
     """A scheduler started by hand, outside any fleet (someone else's live writer)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "scheduler",
-        "--instance",
-        instance,
-        "--dp-size",
-        str(dp_size),
-        "--dp-rank",
-        str(rank),
-        "--request-addr",
-        f"ipc://{tmp}/manual-req-{rank}",
-        "--result-addr",
-        f"ipc://{tmp}/manual-results",
-        "--heartbeat-interval-s=0.1",
-    ]
+    requests, results = f"ipc://{tmp}/manual-req-{rank}", f"ipc://{tmp}/manual-results"
+    cmd = scheduler_command(
+        instance, dp_size, rank, requests, results, "--heartbeat-interval-s=0.1"
+    )
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

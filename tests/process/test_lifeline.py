@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from scheduler.lifeline import PARENT_PID_ENV, child_env, die_with_parent
-from tests.helpers import ROOT, pid_alive, wait_until
+from tests.helpers import ROOT, pid_alive, scheduler_command, wait_until
 
 WAIT_S = 15.0
 
@@ -53,21 +53,8 @@ time.sleep(600)
 
 
 def _scheduler(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "scheduler",
-        "--instance",
-        f"lifeline-{os.getpid()}",
-        "--dp-size",
-        "1",
-        "--dp-rank",
-        "0",
-        "--request-addr",
-        f"ipc://{tmp_path}/req",
-        "--result-addr",
-        f"ipc://{tmp_path}/res",
-    ]
+    instance = f"lifeline-{os.getpid()}"
+    cmd = scheduler_command(instance, 1, 0, f"ipc://{tmp_path}/req", f"ipc://{tmp_path}/res")
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=WAIT_S)
 
 

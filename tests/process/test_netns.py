@@ -23,7 +23,14 @@ import pytest
 from loadsnap import ShmReader, SlotStatus
 from loadsnap.collector import collector_lock_path
 from loadsnap.curve import curve_available, generate_keys
-from tests.helpers import read_segment, spawn_writer, stop_process, stop_writers, wait_until
+from tests.helpers import (
+    loadsnap_command,
+    read_segment,
+    spawn_writer,
+    stop_process,
+    stop_writers,
+    wait_until,
+)
 
 PORT = 5557
 SUBNET = "10.231"
@@ -99,7 +106,7 @@ def namespaces() -> Iterator[tuple[str, list[str]]]:
 
 def _collector_cmd(ns: str, instance: str, keys: Path) -> Sequence[str]:
     return [
-        *("ip", "netns", "exec", ns, sys.executable, "-m", "loadsnap", "collector"),
+        *("ip", "netns", "exec", ns, *loadsnap_command("collector")),
         *("--instance", instance, "--dp-size", "2", "--bind", f"tcp://0.0.0.0:{PORT}"),
         *("--curve-dir", str(keys), "--duration-s", "30", "--stats-interval-s", "0"),
     ]

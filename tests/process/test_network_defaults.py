@@ -17,7 +17,7 @@ import pytest
 
 from loadsnap.collector import collector_lock_path, is_loopback_endpoint
 from loadsnap.settings import DEFAULT_COLLECTOR_BIND as DEFAULT_BIND
-from tests.helpers import free_port, report, stop_process
+from tests.helpers import free_port, loadsnap_command, report, stop_process
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
 
@@ -70,7 +70,7 @@ def clean_env() -> dict[str, str]:
 
 def test_serve_binds_loopback_by_default(instance: str) -> None:
     port = free_port()
-    cmd = [sys.executable, "-m", "loadsnap", "serve", "--instance", instance, "--port", str(port)]
+    cmd = loadsnap_command("serve", "--instance", instance, "--port", str(port))
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env()
     )
@@ -93,20 +93,10 @@ def test_collector_binds_loopback_by_default(instance: str) -> None:
             probe.bind((host, int(port)))
         except OSError:
             pytest.skip(f"default collector port in use here: {DEFAULT_BIND}")
-    cmd = [
-        sys.executable,
-        "-m",
-        "loadsnap",
-        "collector",
-        "--instance",
-        instance,
-        "--dp-size",
-        "1",
-        "--duration-s",
-        "20",
-        "--stats-interval-s",
-        "0",
-    ]
+    cmd = loadsnap_command(
+        *("collector", "--instance", instance, "--dp-size", "1"),
+        *("--duration-s", "20", "--stats-interval-s", "0"),
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env())
     try:
         found = wait_listening(proc)

@@ -27,6 +27,7 @@ from dp_controller.controller import Controller
 from loadsnap import ShmReader, SlotStatus
 from loadsnap.server import ServerThread, create_app
 from scheduler.messages import Finished
+from tests.helpers import scheduler_command
 
 pytestmark = pytest.mark.slow
 
@@ -73,20 +74,15 @@ class _NamespacedSchedulers:
         self.procs = [
             subprocess.Popen(
                 [
-                    "unshare",
-                    "--pid",
-                    "--fork",
-                    "--mount-proc",
-                    "--kill-child",
-                    sys.executable,
-                    "-m",
-                    "scheduler",
-                    f"--instance={instance}",
-                    f"--dp-size={_DP_SIZE}",
-                    f"--dp-rank={rank}",
-                    f"--request-addr={self.request_addrs[rank]}",
-                    f"--result-addr={self.result_addr}",
-                    *_SCHEDULER_ARGS,
+                    *("unshare", "--pid", "--fork", "--mount-proc", "--kill-child"),
+                    *scheduler_command(
+                        instance,
+                        _DP_SIZE,
+                        rank,
+                        self.request_addrs[rank],
+                        self.result_addr,
+                        *_SCHEDULER_ARGS,
+                    ),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

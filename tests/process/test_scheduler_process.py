@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from scheduler.messages import (
     encode_message,
 )
 from scheduler.process import SchedulerOptions, SchedulerProcess
-from tests.helpers import ROOT
+from tests.helpers import ROOT, scheduler_command
 
 DEADLINE_S = 15.0
 
@@ -189,22 +188,19 @@ def test_loadsnap_scheduler_subcommand_is_registered() -> None:
 
 
 def start_rank(instance: str, tmp_path: Path, rank: int, dp_size: int) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "scheduler",
-        f"--instance={instance}",
-        f"--dp-size={dp_size}",
-        f"--dp-rank={rank}",
-        f"--request-addr=ipc://{tmp_path}/req-{rank}",
-        f"--result-addr=ipc://{tmp_path}/results",
+    command = scheduler_command(
+        instance,
+        dp_size,
+        rank,
+        f"ipc://{tmp_path}/req-{rank}",
+        f"ipc://{tmp_path}/results",
         "--transport=shm",
         "--max-total-num-tokens=2048",
         "--step-overhead-ms=0.5",
         "--prefill-token-ms=0.005",
         "--decode-token-ms=0.02",
         "--publish-every=4",
-    ]
+    )
     return subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE)
 
 

@@ -35,6 +35,7 @@ from loadsnap import (
 )
 from loadsnap._lockfile import LockFile
 from loadsnap.server import ServerThread, create_app
+from tests.helpers import loadsnap_command
 
 _TIMEOUT_S = 20.0
 
@@ -50,7 +51,7 @@ def _run(code: str, *args: str, timeout_s: float = _TIMEOUT_S) -> subprocess.Com
 
 def _loadsnap(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "loadsnap", *args],
+        loadsnap_command(*args),
         capture_output=True,
         text=True,
         timeout=_TIMEOUT_S,

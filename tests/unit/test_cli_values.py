@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from loadsnap import LoadSnapshot, ShmWriter, __version__
 from loadsnap.cli import main
+from tests.helpers import loadsnap_command
 
 SCHEDULER = ["scheduler", "--dp-size=2", "--dp-rank=0", "--request-addr=x", "--result-addr=y"]
 
@@ -112,7 +112,7 @@ def test_inspect_into_a_closed_pipe_exits_quietly(instance: str) -> None:
     with ShmWriter(instance, 4096, 0) as writer:  # 4096 slot lines: more than a pipe holds
         writer.publish(LoadSnapshot(dp_rank=0))
         with subprocess.Popen(
-            [sys.executable, "-m", "loadsnap", "inspect", "--instance", instance],
+            loadsnap_command("inspect", "--instance", instance),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         ) as proc:
@@ -130,16 +130,7 @@ def test_serve_on_a_busy_port_says_so_before_any_url(instance: str, tmp_path: Pa
         port = busy.getsockname()[1]
         started = time.monotonic()
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "loadsnap",
-                "serve",
-                "--instance",
-                instance,
-                "--port",
-                str(port),
-            ],
+            loadsnap_command("serve", "--instance", instance, "--port", str(port)),
             capture_output=True,
             text=True,
             timeout=60,
