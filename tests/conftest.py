@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,8 @@ from loadsnap import (
 )
 from loadsnap.collector import collector_lock_path
 from tests.helpers import promtool_path, unique_instance
+
+MOUNT_TIMEOUT_S = 20.0
 
 
 @pytest.fixture
@@ -69,3 +73,33 @@ def collector_lock_cleanup(instance: str) -> Iterator[None]:
 def promtool() -> str:
     """promtool's path; skips (before the test starts anything) where it is not installed."""
     return promtool_path()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
+    """``tmpfs(name, options)`` mounts a tmpfs at ``tmp_path / name`` and returns the path.
+
+    It skips the test where mounting is refused; every mount is undone after the test.
+    """
+    mounts: list[Path] = []
+
+    def mount(name: str, options: str) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        try:
+            done = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+                capture_output=True,
+                text=True,
+                timeout=MOUNT_TIMEOUT_S,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            pytest.skip(f"cannot mount tmpfs: {exc}")
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount tmpfs: {done.stderr.strip()}")
+        mounts.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounts):
+        subprocess.run(["umount", str(point)], check=False, timeout=MOUNT_TIMEOUT_S)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -374,25 +374,9 @@ _FULL_FS = textwrap.dedent(
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+def small_tmpfs(tmpfs: Callable[[str, str], Path]) -> Path:
     """A 64 KiB tmpfs mounted in a private directory (skips where mounting is not allowed)."""
-    mount_point = tmp_path / "small-shm"
-    mount_point.mkdir()
-    try:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount_point)],
-            capture_output=True,
-            text=True,
-            timeout=_CHILD_TIMEOUT_S,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a small tmpfs: {exc}")
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs: {done.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False, timeout=_CHILD_TIMEOUT_S)
+    return tmpfs("small-shm", "size=64k,mode=0700")
 
 
 def test_full_filesystem_fails_at_creation_without_sigbus(small_tmpfs: Path) -> None:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -176,38 +176,10 @@ def test_proc_as_shm_dir_fails_at_once(instance: str, tmp_path: Path) -> None:
     assert time.monotonic() - started < _TIMEOUT_S  # (the run's timeout would have raised)
 
 
-@pytest.fixture
-def mounted(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
-    """Mounts tmpfs instances under ``tmp_path`` on demand; skips where mounting is refused."""
-    mounts: list[str] = []
-    yield tmp_path, mounts
-    for point in reversed(mounts):
-        subprocess.run(["umount", point], check=False, timeout=_TIMEOUT_S)
-
-
-def _mount(mounted: tuple[Path, list[str]], name: str, options: str) -> Path:
-    base, mounts = mounted
-    point = base / name
-    point.mkdir()
-    try:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
-            capture_output=True,
-            text=True,
-            timeout=_TIMEOUT_S,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount tmpfs: {exc}")
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs: {done.stderr.strip()}")
-    mounts.append(str(point))
-    return point
-
-
 def test_read_only_shm_dir_is_one_line(
-    instance: str, tmp_path: Path, mounted: tuple[Path, list[str]]
+    instance: str, tmp_path: Path, tmpfs: Callable[[str, str], Path]
 ) -> None:
-    read_only = _mount(mounted, "ro", "ro,size=1m,mode=0700")
+    read_only = tmpfs("ro", "ro,size=1m,mode=0700")
     with pytest.raises(SegmentError, match=f"{read_only} is read-only"):
         ShmWriter(instance, 1, 0, shm_dir=str(read_only))
     done = _scheduler(instance, tmp_path, f"--shm-dir={read_only}")
@@ -215,18 +187,18 @@ def test_read_only_shm_dir_is_one_line(
 
 
 def test_exhausted_inodes_are_a_segment_error_and_leave_no_lock(
-    instance: str, mounted: tuple[Path, list[str]]
+    instance: str, tmpfs: Callable[[str, str], Path]
 ) -> None:
     # The root directory and the lock file take the only two inodes: the segment gets none.
-    tiny = _mount(mounted, "inodes", "nr_inodes=2,size=1m,mode=0700")
+    tiny = tmpfs("inodes", "nr_inodes=2,size=1m,mode=0700")
     with pytest.raises(SegmentError, match="no space or inodes left") as info:
         ShmWriter(instance, 1, 0, shm_dir=str(tiny))
     assert segment_path(instance, str(tiny)) in str(info.value)
     assert os.listdir(tiny) == []  # the refused creation took its lock file with it
 
 
-def test_full_tmpfs_leaves_no_lock_file(instance: str, mounted: tuple[Path, list[str]]) -> None:
-    small = _mount(mounted, "small", "size=64k,mode=0700")
+def test_full_tmpfs_leaves_no_lock_file(instance: str, tmpfs: Callable[[str, str], Path]) -> None:
+    small = tmpfs("small", "size=64k,mode=0700")
     with pytest.raises(SegmentError, match="cannot reserve"):
         ShmWriter(instance, 64, 0, shm_dir=str(small))
     assert os.listdir(small) == []
