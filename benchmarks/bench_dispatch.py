@@ -235,13 +235,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-QUICK: Final[dict[str, Any]] = {
-    "decisions": 2000,
-    "rounds": 1,
-    "dp_size": 2,
-    "duration_s": 1.0,
-    "repeats": 1,
-}
+QUICK: Final = dict(decisions=2000, rounds=1, dp_size=2, duration_s=1.0, repeats=1)
 
 
 def run(args: argparse.Namespace) -> BenchResult:

@@ -459,7 +459,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=5)
 
 
-QUICK: Final[dict[str, Any]] = {"seconds": 0.25, "cycles": 1500, "rounds": 1}
+QUICK: Final = dict(seconds=0.25, cycles=1500, rounds=1)
 
 
 def run(args: argparse.Namespace) -> BenchResult:

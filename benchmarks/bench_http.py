@@ -313,13 +313,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="longest run per design")
 
 
-QUICK: Final[dict[str, Any]] = {
-    "steps_ms": [100.0],
-    "dp_size": 2,
-    "clients": 2,
-    "requests": 200,
-    "seconds": 0.8,
-}
+QUICK: Final = dict(steps_ms=[100.0], dp_size=2, clients=2, requests=200, seconds=0.8)
 
 
 def run(args: argparse.Namespace) -> BenchResult:

@@ -437,7 +437,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-QUICK: Final[dict[str, Any]] = {"cost_samples": 3000, "storm_seconds": 0.2, "readers": 2}
+QUICK: Final = dict(cost_samples=3000, storm_seconds=0.2, readers=2)
 
 
 def run(args: argparse.Namespace) -> BenchResult:

@@ -239,7 +239,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--every", type=int, default=DEFAULT_EVERY_N_CYCLES, help="cadence")
 
 
-QUICK: Final[dict[str, Any]] = {"batch": 8, "calls": 20_000, "samples": 300}
+QUICK: Final = dict(batch=8, calls=20_000, samples=300)
 
 
 def run(args: argparse.Namespace) -> BenchResult:

@@ -229,14 +229,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-QUICK: Final[dict[str, Any]] = {
-    "dp_size": 2,
-    "kill_rank": 1,
-    "rate_rps": 25.0,
-    "duration_s": 0.6,
-    "kill_at_s": 0.2,
-    "drain_s": 0.3,
-}
+QUICK: Final = dict(
+    dp_size=2, kill_rank=1, rate_rps=25.0, duration_s=0.6, kill_at_s=0.2, drain_s=0.3
+)
 
 
 def run(args: argparse.Namespace) -> BenchResult:

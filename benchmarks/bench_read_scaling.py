@@ -188,7 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=40, help="timed calls per design")
 
 
-QUICK: Final[dict[str, Any]] = {"dp": "4,16", "repeats": 5}
+QUICK: Final = dict(dp="4,16", repeats=5)
 
 
 def run(args: argparse.Namespace) -> BenchResult:

@@ -372,7 +372,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-curve", action="store_true", help="skip the CURVE rows")
 
 
-QUICK: Final[dict[str, Any]] = {"seconds": 0.2, "samples": 20, "period_ms": 1.0}
+QUICK: Final = dict(seconds=0.2, samples=20, period_ms=1.0)
 
 
 def run(args: argparse.Namespace) -> BenchResult:
