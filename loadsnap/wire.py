@@ -74,6 +74,7 @@ def decode_snapshot(data: bytes) -> LoadSnapshot:
 
 
 _MAX_RATE: Final[float] = 1e15
+_INF: Final[float] = float("inf")
 # Every top-level integer a scheduler sets (the writer stamps seq, epoch and the times).
 _SCHEDULER_INTS: Final = operator.attrgetter(
     "dp_rank",
@@ -121,6 +122,7 @@ def check_publishable(
             and 0.0 <= snapshot.cache_hit_rate <= 1.0
             and 0.0 <= snapshot.utilization <= 1.0
             and 0.0 <= snapshot.gen_throughput <= _MAX_RATE
+            and snapshot.timestamp >= -_INF  # any float; a str raises TypeError (NaN decodes)
         )
     except (struct.error, TypeError):  # a non-integer count, a value that does not compare
         scalars_ok = False

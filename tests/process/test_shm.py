@@ -356,9 +356,14 @@ def _one_bad_field_each() -> Iterator[tuple[str, LoadSnapshot]]:
 
 
 def _bad_values(kind: msgspec.inspect.Type) -> list[object]:
+    if isinstance(kind, msgspec.inspect.UnionType):  # Optional[X]: X's bad values
+        (inner,) = [t for t in kind.types if not isinstance(t, msgspec.inspect.NoneType)]
+        return _bad_values(inner)
     if isinstance(kind, msgspec.inspect.IntType):
         return [-1, 2**63, 1.5]
     if isinstance(kind, msgspec.inspect.FloatType):
+        if kind.ge is None and kind.le is None:
+            return ["x"]  # unconstrained: only the type can be wrong
         bad: list[object] = [math.nan, -0.5]
         if kind.le is not None:
             bad.append(kind.le * 2 if kind.le else 1.0)
@@ -366,7 +371,10 @@ def _bad_values(kind: msgspec.inspect.Type) -> list[object]:
     if isinstance(kind, msgspec.inspect.StrType):
         return ["x" * ((kind.max_length or 128) + 1), 3]
     if isinstance(kind, msgspec.inspect.ListType):
-        return [["x"] * ((kind.max_length or 256) + 1), ["y" * 129]]
+        too_long = (kind.max_length or 256) + 1
+        if isinstance(kind.item_type, msgspec.inspect.FloatType):
+            return [[0.5] * too_long, ["x"]]
+        return [["x"] * too_long, ["y" * 129]]
     raise AssertionError(f"no bad values for {kind}")
 
 

@@ -39,10 +39,12 @@ _SECTION_TYPES: dict[str, type[msgspec.Struct]] = {
 def _distinct_value(annotation: Any, index: int) -> Any:
     """A non-default value for a field of ``annotation`` (distinct per field ``index``)."""
     text = str(annotation)
-    if "float" in text:
-        return (index % 9 + 1) / 10  # valid as ratio and as rate
+    if "list[float]" in text:
+        return [float(index), 0.5]
     if "list" in text:
         return [f"adapter-{index}", "é-ü"]
+    if "float" in text:
+        return (index % 9 + 1) / 10  # valid as ratio and as rate
     if "str" in text:
         return f"mode-{index}"
     return 1000 + index
