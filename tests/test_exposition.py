@@ -212,6 +212,7 @@ loadsnap_disagg_kv_transfer_latency_seconds{dp_rank="0",instance="demo",model="l
 loadsnap_disagg_mode{dp_rank="0",instance="demo",mode="decode",model="llama-8b"} 1.0
 """
 
+
 def _series(text: str, openmetrics: bool = False) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
     parse = parse_openmetrics if openmetrics else text_string_to_metric_families
     return [

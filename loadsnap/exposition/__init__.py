@@ -3,7 +3,8 @@ Prometheus text and a rich table.
 
 Policy layer: these functions see only :class:`~loadsnap.SlotRead` values, never buffers or
 sockets, and do no I/O. The HTTP router, the gRPC servicers, ``/metrics`` and the CLI only call
-them. :mod:`._document` holds the one mapping from loadsnap's snapshots to sglang's names.
+them. :mod:`._sglang` holds the document's structs, :mod:`._document` the one mapping from
+loadsnap's snapshots to them.
 """
 
 from __future__ import annotations
@@ -11,22 +12,9 @@ from __future__ import annotations
 from loadsnap.exposition._document import (
     DOCUMENT_SECTIONS,
     GIB,
-    I32_MAX,
     ROUTABLE_STATUSES,
-    Aggregate,
-    DisaggregationMetrics,
     DocumentSection,
-    LegacyLoad,
-    LoadsDocument,
-    LoRAMetrics,
-    MemoryMetrics,
-    QueueMetrics,
-    RankLoad,
-    SpeculativeMetrics,
-    StatusLabel,
-    UnavailableRank,
     build_document,
-    field_help,
     legacy_loads,
     rank_load,
 )
@@ -40,6 +28,21 @@ from loadsnap.exposition._prometheus import (
     Naming,
     load_families,
     render_prometheus,
+)
+from loadsnap.exposition._sglang import (
+    I32_MAX,
+    Aggregate,
+    DisaggregationMetrics,
+    LegacyLoad,
+    LoadsDocument,
+    LoRAMetrics,
+    MemoryMetrics,
+    QueueMetrics,
+    RankLoad,
+    SpeculativeMetrics,
+    StatusLabel,
+    UnavailableRank,
+    field_help,
 )
 from loadsnap.exposition._table import render_table
 

@@ -35,14 +35,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from loadsnap.errors import UsageError
-from loadsnap.exposition._document import (
-    DOCUMENT_SECTIONS,
-    GIB,
-    LoadsDocument,
-    RankLoad,
-    build_document,
-    field_help,
-)
+from loadsnap.exposition._document import DOCUMENT_SECTIONS, GIB, build_document
+from loadsnap.exposition._sglang import LoadsDocument, RankLoad, field_help
 from loadsnap.reading import SlotRead, SlotStatus
 from loadsnap.schema import parse_include
 
