@@ -232,6 +232,13 @@ def test_busy_port_is_one_clear_error() -> None:
         port = busy.getsockname()[1]
         with pytest.raises(PortInUseError, match=f"address=127.0.0.1:{port}"):
             GrpcServerThread(lambda server: None, "127.0.0.1", port).start()
+    # Another gRPC server's port too (grpc would share it through SO_REUSEPORT by default).
+    first = GrpcServerThread(lambda server: add_load_servicers(server, _source())).start()
+    try:
+        with pytest.raises(PortInUseError, match=f"address=127.0.0.1:{first.port}"):
+            GrpcServerThread(lambda server: None, "127.0.0.1", first.port).start()
+    finally:
+        first.stop()
 
 
 def test_serve_grpc_port_busy_and_grpc_missing_are_one_line(instance: str) -> None:

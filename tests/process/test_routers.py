@@ -376,3 +376,91 @@ def test_sglang_router_reads_get_load(static_worker: Worker, tmp_path: Path) -> 
         )
         assert doc["workers"] == [{"worker": static_worker.http.url, "load": expected}]
         assert expected == 1500 + 3000  # not -1: it parsed the array
+
+
+# --- controls: the SMG behaviours the dead-rank rule is built around --------------------------
+
+
+def _overloaded(router: RouterProcess) -> float | None:
+    for family in text_string_to_metric_families(router.metrics_text()):
+        if family.name == "smg_workers_overloaded":
+            return sum(sample.value for sample in family.samples)
+    return None
+
+
+@pytest.mark.slow
+def test_control_one_rank_presented_saturated_flags_the_whole_worker(
+    instance: str, tmp_path: Path
+) -> None:
+    # Why a dead rank is omitted, never shown as saturated: SMG judges overload per worker.
+    _require("smg")
+    writers = [ShmWriter(instance, DP, rank) for rank in range(DP)]
+    try:
+        writers[0].publish(_snapshot(0))
+        saturated = _snapshot(1)
+        saturated.num_waiting_reqs = 20
+        writers[1].publish(saturated)
+        with (
+            Worker(instance, stale_after_s=3600.0) as worker,
+            start_smg(worker.url("http"), str(tmp_path / "smg.log")) as smg,
+        ):
+            wait_for("both ranks", lambda: _smg_view(smg, {0, 1}), SETTLE_S)
+            flagged = wait_for("the worker flagged", lambda: _overloaded(smg) or None, SETTLE_S)
+            assert flagged == 1.0  # one worker, rank 0 included
+    finally:
+        for writer in writers:
+            writer.close()
+
+
+@pytest.mark.slow
+def test_control_smg_keeps_a_rank_whose_pushes_stop_while_others_flow(
+    static_worker: Worker, tmp_path: Path
+) -> None:
+    # Why the stream goes quiet instead of just leaving a rank out: SMG 1.13 keeps showing the
+    # last record pushed for a rank while the stream carries the others, even though its
+    # GetLoads fallback no longer lists the rank.
+    _require("smg")
+    import asyncio
+
+    import grpc
+    from smg_grpc_proto.generated import common_pb2
+
+    from loadsnap.exposition import build_document
+    from loadsnap.grpc_loads import SERVICE, engine_load
+    from loadsnap.http import LockedSource
+    from loadsnap.testing import FakeSource
+
+    fresh = build_document(static_worker.reader.read_all(), "all").loads
+    only_rank_0 = FakeSource(DP, stale_after_s=3600.0)
+    only_rank_0.publish(0, num_running_reqs=5)
+    switch_after_s = 2.0
+
+    async def stubborn(request: Any, context: Any) -> Any:
+        start, sample = time.monotonic(), 0
+        while True:
+            ranks = (0, 1) if time.monotonic() - start < switch_after_s else (0,)
+            for load in fresh:
+                if load.dp_rank in ranks:
+                    sample += 1
+                    record = engine_load(load, age_ms=0, sample=sample)
+                    yield common_pb2.KvEventBatch(dp_rank=load.dp_rank, load=record)
+            await asyncio.sleep(0.1)
+
+    def setup(server: Any) -> None:
+        add_engine_servicers(server, LockedSource(only_rank_0), DP)  # GetLoads: rank 0 only
+        handler = grpc.unary_stream_rpc_method_handler(
+            stubborn,
+            request_deserializer=common_pb2.SubscribeKvEventsRequest.FromString,
+            response_serializer=common_pb2.KvEventBatch.SerializeToString,
+        )
+        server.add_registered_method_handlers(SERVICE, {"SubscribeKvEvents": handler})
+
+    with (
+        GrpcServerThread(setup) as control,
+        start_smg(
+            f"grpc://{control.target}", str(tmp_path / "smg.log"), policy="cache_aware"
+        ) as smg,
+    ):
+        wait_for("rank 1 pushed", lambda: _smg_view(smg, {0, 1}), SETTLE_S)
+        time.sleep(switch_after_s + 4 * POLL_S)  # rank 1's pushes stopped 4 intervals ago
+        assert _smg_view(smg, {0, 1}) is not None, "SMG dropped the rank: the quiet rule is moot"
