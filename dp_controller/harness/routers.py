@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 import signal
 import socket
 import subprocess
@@ -141,13 +140,11 @@ def _launch(
     module: str, args: Sequence[str], log_path: str
 ) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
     log = open(log_path, "wb")  # noqa: SIM115 - closed by the caller once the child has it
-    env = {**os.environ, "RUST_LOG": "warn", "NO_COLOR": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", module, "launch", *args],
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-        env=env,
     )
     return proc, log
 
