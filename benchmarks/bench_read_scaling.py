@@ -19,6 +19,7 @@ this process. Run: ``python -m benchmarks.bench_read_scaling``.
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,16 +28,15 @@ from typing import Any, Final
 from benchmarks._common import (
     BenchResult,
     Headline,
-    ReportSection,
     Table,
-    default_section,
-    finish,
+    bench_main,
     fmt_ratio,
     fmt_us,
     latency_stats,
-    make_parser,
     make_snapshot,
     ratio,
+    save_figure,
+    subplots,
     unique_instance,
 )
 from benchmarks.baselines.flock_segment import FlockSegment
@@ -182,49 +182,46 @@ def build_result(
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; see the module docstring."""
-    import sys
-
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This benchmark's flags."""
     parser.add_argument("--dp", default="8,64,256,1024", help="comma-separated dp sizes")
     parser.add_argument("--repeats", type=int, default=40, help="timed calls per design")
-    args = parser.parse_args(args_list)
+
+
+QUICK: Final = dict(dp="4,16", repeats=5)
+
+
+def run(args: argparse.Namespace) -> BenchResult:
+    """Every design at every dp size."""
     sizes = [int(x) for x in args.dp.split(",") if x.strip()]
-    if args.quick:
-        sizes, args.repeats = [4, 16], 5
-    started = time.perf_counter()
     config: dict[str, Any] = {"dp_sizes": sizes, "repeats": args.repeats}
     by_dp = {dp: measure_dp(dp, args.repeats) for dp in sizes}
-    finish(build_result(by_dp, config), args_list, started, args.json)
-    return 0
+    return build_result(by_dp, config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; see the module docstring."""
+    return bench_main(__doc__, argv, run, add_arguments, QUICK)
 
 
 # --- report hooks -----------------------------------------------------------------------------
 
 
-def summarize(result: dict[str, Any]) -> ReportSection:
-    """BENCHMARKS.md section with the limits paragraph."""
-    section = default_section(result)
-    section.title = "Read scaling"
-    section.limits = (
-        "Every design is linear in dp_size; what differs is the per-rank constant. A full "
-        "decode is bounded below by msgspec's typed decode of each ~900 B snapshot (about "
-        "1.5-2 µs) plus our per-slot seqlock copy, CRC check and status classification in "
-        "Python, so it costs more per rank than the flock baseline's bare decode when nobody "
-        "writes; its gain is that it never blocks a writer and never accepts a torn record. "
-        "Changed-only reads pay the decode only for ranks that moved, and the hot table "
-        "replaces the per-rank Python loop by a few vectorised numpy copies, whose floor is "
-        "numpy's per-call overhead (a few µs) plus a memory copy of ~150 B per rank."
-    )
-    return section
+TITLE: Final[str] = "Read scaling"
+LIMITS: Final[str] = (
+    "Every design is linear in dp_size; what differs is the per-rank constant. A full "
+    "decode is bounded below by msgspec's typed decode of each ~900 B snapshot (about "
+    "1.5-2 µs) plus our per-slot seqlock copy, CRC check and status classification in "
+    "Python, so it costs more per rank than the flock baseline's bare decode when nobody "
+    "writes; its gain is that it never blocks a writer and never accepts a torn record. "
+    "Changed-only reads pay the decode only for ranks that moved, and the hot table "
+    "replaces the per-rank Python loop by a few vectorised numpy copies, whose floor is "
+    "numpy's per-call overhead (a few µs) plus a memory copy of ~150 B per rank."
+)
 
 
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """Cost of reading every rank against dp_size, log-log, one line per design."""
-    import matplotlib.pyplot as plt
-
     by_dp = result["data"]["by_dp"]
     sizes = sorted(int(dp) for dp in by_dp)
     styles = {
@@ -234,7 +231,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
         "hot_table": ("#9467bd", "D-"),
         "flock": ("#d62728", "x--"),
     }
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = subplots(figsize=(7.5, 4.5))
     for key, label in DESIGNS:
         color, style = styles[key]
         ax.plot(
@@ -248,11 +245,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_title("Cost of reading every rank")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "read_scaling.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, out_dir, "read_scaling.png")
 
 
 if __name__ == "__main__":
