@@ -25,8 +25,8 @@ Run: ``python -m benchmarks.bench_router_push`` (``--quick`` for the smoke size)
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -39,14 +39,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks._common import (
     BenchResult,
     Headline,
-    ReportSection,
     Table,
-    default_section,
-    finish,
+    bench_main,
     fmt_ratio,
     latency_stats,
-    make_parser,
     ratio,
+    save_figure,
+    subplots,
     unique_instance,
 )
 from dp_controller.harness.engine import add_engine_servicers
@@ -60,7 +59,7 @@ QUESTION: Final[str] = (
     "How old is the load SMG acts on when loadsnap pushes it over gRPC (SubscribeKvEvents), "
     "against SMG polling GetLoads every second?"
 )
-REPORT_ORDER: Final[int] = 7
+REPORT_ORDER: Final[int] = 8
 REPORT_ARGS: Final[list[str]] = ["--seconds", "20"]
 TICKS_PER_S: Final[int] = 10_000  # the encoded publish time: 0.1 ms
 WRAP: Final[int] = 2**31 - 1
@@ -250,18 +249,19 @@ def build_result(stats: dict[str, Any], config: dict[str, Any], skipped: str = "
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; see the module docstring."""
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This benchmark's flags."""
     parser.add_argument("--dp-size", type=int, default=2, help="ranks")
     parser.add_argument("--publish-period-ms", type=float, default=100.0, help="publish period")
     parser.add_argument("--sample-ms", type=float, default=20.0, help="sampling period")
     parser.add_argument("--seconds", type=float, default=10.0, help="sampling time")
-    args = parser.parse_args(args_list)
-    if args.quick:
-        args.seconds, args.sample_ms = 1.0, 50.0
-    started = time.perf_counter()
+
+
+QUICK: Final = dict(seconds=1.0, sample_ms=50.0)
+
+
+def run(args: argparse.Namespace) -> BenchResult:
+    """Both routers at once; skipped (an empty table saying why) where SMG cannot run."""
     config = {
         "dp_size": args.dp_size,
         "publish_period_ms": args.publish_period_ms,
@@ -270,42 +270,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     skipped = router_unavailable("smg")
     stats = {} if skipped else measure(args)
-    finish(build_result(stats, config, skipped or ""), args_list, started, args.json)
-    return 0
+    return build_result(stats, config, skipped or "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; see the module docstring."""
+    return bench_main(__doc__, argv, run, add_arguments, QUICK)
 
 
 # --- report hooks ------------------------------------------------------------------------------
 
 
-def summarize(result: dict[str, Any]) -> ReportSection:
-    """BENCHMARKS.md section."""
-    section = default_section(result)
-    section.title = "Router freshness: pushed load against SMG's poll"
-    section.limits = (
-        "A pushed figure reaches the load SMG applies one delivery after its publish: up to "
-        "one watch interval (the servicer reads the segment every 5 ms, in a worker thread, "
-        "while streams are open), the stream's send and SMG's handling, a few ms in all. "
-        "Between publishes the figure ages, so the age of what SMG acts on runs from that "
-        "delivery to one publish period plus it: the publish period, set by the scheduler's "
-        "cadence and not by the transport, is the floor of the p99. The poll's figure ages "
-        "for a whole load-monitor interval (SMG's floor is 1 s) plus the delivery. SMG's "
-        "GET /get_loads is a snapshot it refreshes on its own cadence, about every 100 ms "
-        "under push, so that view lags the applied load by up to 100 ms more (measured, "
-        "SMG's side; its source for 1.13.0 was not available to read). Both routers and the "
-        "Python gRPC server share 2 cores with the sampler."
-    )
-    return section
+TITLE: Final[str] = "Router freshness: pushed load against SMG's poll"
+LIMITS: Final[str] = (
+    "A pushed figure reaches the load SMG applies one delivery after its publish: up to "
+    "one watch interval (the servicer reads the segment every 5 ms, in a worker thread, "
+    "while streams are open), the stream's send and SMG's handling, a few ms in all. "
+    "Between publishes the figure ages, so the age of what SMG acts on runs from that "
+    "delivery to one publish period plus it: the publish period, set by the scheduler's "
+    "cadence and not by the transport, is the floor of the p99. The poll's figure ages "
+    "for a whole load-monitor interval (SMG's floor is 1 s) plus the delivery. SMG's "
+    "GET /get_loads is a snapshot it refreshes on its own cadence, about every 100 ms "
+    "under push, so that view lags the applied load by up to 100 ms more (measured, "
+    "SMG's side; its source for 1.13.0 was not available to read). Both routers and the "
+    "Python gRPC server share 2 cores with the sampler."
+)
 
 
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Bars of p50/p99/max per design, log scale."""
-    import matplotlib.pyplot as plt
-
+    """Bars of p50/p99/max per design and view, log scale."""
     stats = result["data"]["stats"]
     if not stats:
         return []
     keys = ["p50", "p99", "max"]
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = subplots(figsize=(8, 3.8))
     series = [(name, view) for view in VIEWS for name in DESIGNS]
     width = 0.8 / len(series)
     for i, (name, view) in enumerate(series):
@@ -319,11 +317,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.axhline(period + TARGET_MARGIN_MS, color="grey", linestyle="--", linewidth=1)
     ax.set_title("Age of the load SMG acts on")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "router_push.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, out_dir, "router_push.png")
 
 
 if __name__ == "__main__":

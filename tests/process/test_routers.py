@@ -50,6 +50,7 @@ from loadsnap import (
 from loadsnap.grpc_loads import LoadServicer
 from loadsnap.grpc_server import GrpcServerThread
 from loadsnap.server import ServerThread
+from tests.helpers import report
 
 DP = 2
 POLL_S = 1  # SMG's shortest load-monitor interval
@@ -303,7 +304,10 @@ def test_smg_stops_presenting_a_dead_or_stale_rank(
                 if fault == "sigstop":
                     fleet.resume_process(1)
         # Bound: the budget (dead ranks: ~0.25 s) plus one SMG interval, plus start-up slack.
-        print(f"\n{path} {fault}: rank 1 gone from SMG's /get_loads after {gone_after:.2f} s")
+        report(
+            f"smg_drops_{path}_{fault}".replace("-", "_"),
+            {"gone_after_s": round(gone_after, 3), "stale_after_s": STALE_AFTER_S},
+        )
         assert gone_after < STALE_AFTER_S + 3 * POLL_S + 2.0
 
 

@@ -10,14 +10,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadsnap import (
-    DisaggregationSection,
     LoadSnapshot,
-    LoraSection,
     MemorySection,
-    QueueSection,
     SlotRead,
     SlotStatus,
-    SpeculativeSection,
 )
 from loadsnap.exposition import (
     DOCUMENT_SECTIONS,
@@ -38,8 +34,7 @@ from loadsnap.exposition import (
 )
 from loadsnap.http import UnavailableReason
 from loadsnap.reading import SegmentState
-
-FIXED_NOW = 1_700_000_000.5
+from tests.helpers import FIXED_NOW, golden_reads
 
 # sglang's /v1/loads keys (its LoadSnapshot core keys, num_total_reqs, and its section structs'
 # fields), as the sglang release with dp_rank_count and aggregate serves them.
@@ -88,69 +83,6 @@ SGLANG_PROMETHEUS_NAMES = {f"sglang_{key}" for key in SGLANG_CORE_KEYS[1:-1]} | 
     for field in SGLANG_SECTIONS[key]
     if field != "mode"
 }
-
-
-def _busy(rank: int, **sections: object) -> LoadSnapshot:
-    return LoadSnapshot(
-        dp_rank=rank,
-        num_running_reqs=12 + rank,
-        num_waiting_reqs=3,
-        num_waiting_uncached_tokens=900,
-        num_used_tokens=40000,
-        num_total_tokens=41000,
-        max_total_num_tokens=100000,
-        max_running_requests=64,
-        token_usage=0.4,
-        gen_throughput=1520.5,
-        cache_hit_rate=0.25,
-        utilization=0.75,
-        seq=101,
-        cycle=1500,
-        publish_mono_ns=5_000_000_000,
-        publish_wall_ns=1_700_000_000_250_000_000,
-        epoch=1,
-        last_accepted_dispatch_seq=77,
-        **sections,  # type: ignore[arg-type]
-    )
-
-
-def golden_reads() -> list[SlotRead]:
-    """Fresh ranks 0 (loadsnap's own section fields) and 1 (sglang-named fields set), then a
-    stale, a dead and a never-published rank."""
-    own = _busy(
-        0,
-        memory=MemorySection(
-            weight_bytes=16 * 2**30, kv_cache_bytes=40 * 2**30, kv_token_capacity=100000
-        ),
-        speculative=SpeculativeSection(num_draft_tokens=4, accept_length=2.5, accept_rate=0.625),
-        lora=LoraSection(max_loaded_adapters=8, loaded_adapters=["a", "b"]),
-        disaggregation=DisaggregationSection(
-            mode="prefill", num_bootstrap_queue_reqs=2, num_inflight_queue_reqs=1
-        ),
-        queues=QueueSection(num_grammar_queue_reqs=1, num_paused_reqs=2, num_retracted_reqs=3),
-    )
-    sglang_named = _busy(
-        1,
-        memory=MemorySection(weight_gb=15.5, kv_cache_gb=39.25, graph_gb=0.75, token_capacity=9),
-        lora=LoraSection(slots_used=3, slots_total=4, utilization=0.75),
-        disaggregation=DisaggregationSection(
-            mode="decode",
-            decode_prealloc_queue_reqs=4,
-            decode_transfer_queue_reqs=5,
-            decode_retracted_queue_reqs=6,
-            kv_transfer_speed_gb_s=12.5,
-            kv_transfer_latency_ms=3.25,
-        ),
-    )
-    stale = _busy(2, queues=QueueSection(num_paused_reqs=9))
-    dead = _busy(3)
-    return [
-        SlotRead(3, SlotStatus.DEAD, dead, 10.25, 9, 1, 0, "writer is gone"),
-        SlotRead(0, SlotStatus.FRESH, own, 0.015, 101, 1, 4242),
-        SlotRead(2, SlotStatus.STALE, stale, 3.0, 55, 2, 4243, "age 3.000s > budget 2.0s"),
-        SlotRead(4, SlotStatus.NEVER_PUBLISHED, None, None, 0, 0, 0, "no record yet"),
-        SlotRead(1, SlotStatus.FRESH, sglang_named, 0.5, 7, 3, 4244),
-    ]
 
 
 GOLDEN_JSON = """\

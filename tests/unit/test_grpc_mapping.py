@@ -12,7 +12,7 @@ pytest.importorskip("grpc", reason="grpcio is in the grpc extra")
 pytest.importorskip("smg_grpc_proto", reason="smg-grpc-proto is in the grpc extra")
 
 from loadsnap.grpc_loads import engine_load, get_loads_response
-from tests.unit.test_document import FIXED_NOW, golden_reads
+from tests.helpers import FIXED_NOW, golden_reads
 
 SECTIONS = ("memory", "speculative", "lora", "disaggregation", "queues")
 
