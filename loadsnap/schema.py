@@ -15,7 +15,7 @@ a rank.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, ClassVar, Final
 
 import msgspec
 
@@ -69,6 +69,9 @@ class SpeculativeSection(msgspec.Struct, kw_only=True, omit_defaults=True):
     num_draft_tokens: Count = 0
     accept_length: Rate = 0.0
     accept_rate: Ratio = 0.0
+    # Appended, sglang's later fields.
+    draft_occupancy_rate: Ratio | None = None
+    proposed_draft_length: Reported = None
 
 
 class LoraSection(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -99,6 +102,8 @@ class DisaggregationSection(msgspec.Struct, kw_only=True, omit_defaults=True):
     decode_retracted_queue_reqs: ReportedCount = None
     kv_transfer_speed_gb_s: Reported = None
     kv_transfer_latency_ms: Reported = None
+    # sglang's later name for prefill_prealloc_queue_reqs.
+    prefill_bootstrap_queue_reqs: ReportedCount = None
 
 
 class QueueSection(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -110,6 +115,12 @@ class QueueSection(msgspec.Struct, kw_only=True, omit_defaults=True):
     num_chunked_prefill_reqs: Count = 0
     num_prefill_reqs: Count = 0
     num_decode_reqs: Count = 0
+    # Appended, sglang's names (None: derived from the counts above where they exist).
+    waiting: ReportedCount = None
+    grammar: ReportedCount = None
+    paused: ReportedCount = None
+    retracted: ReportedCount = None
+    prealloc_ready: ReportedCount = None
 
 
 class LoadSnapshot(msgspec.Struct, kw_only=True):
@@ -153,23 +164,28 @@ class LoadSnapshot(msgspec.Struct, kw_only=True):
     total_prefill_busy_us: Count = 0  # cumulative
     decode_moments: Annotated[list[float], msgspec.Meta(max_length=64)] | None = None
 
-    def to_dict(self, include: str | Iterable[str] = "core") -> dict[str, Any]:
+    # sglang's selector names, for code written against its LoadSnapshot.
+    VALID_SECTIONS: ClassVar[frozenset[str]] = frozenset(
+        {"core", "memory", "spec", "lora", "disagg", "queues", "all"}
+    )
+
+    def to_dict(self, include: str | Iterable[str] | None = "core") -> dict[str, Any]:
         """Return a JSON-ready dict of the selected sections.
 
         Parameters
         ----------
         include:
             Section selectors, as an iterable or a comma-separated string: any of
-            ``core, memory, spec, lora, disagg, queues, all``. ``core`` (the default) is the
-            flat load fields plus identity; a selected section that the writer did not fill
-            appears as ``None``.
+            ``core, memory, spec, lora, disagg, queues, all``; None means ``all`` (sglang's
+            convention). ``core`` (the default) is the flat load fields plus identity; a
+            section the writer did not fill is left out, as sglang's ``to_dict`` does.
 
         Raises
         ------
         UsageError
             An unknown selector; the message lists the valid ones.
         """
-        return snapshot_to_dict(self, parse_include(include))
+        return snapshot_to_dict(self, parse_include("all" if include is None else include))
 
 
 CORE_FIELDS: Final[tuple[str, ...]] = tuple(
@@ -218,7 +234,8 @@ def snapshot_to_dict(snapshot: LoadSnapshot, sections: frozenset[str]) -> dict[s
     for selector, attribute in SECTION_FIELDS.items():
         if selector in sections:
             value = getattr(snapshot, attribute)
-            out[attribute] = None if value is None else msgspec.to_builtins(value)
+            if value is not None:
+                out[attribute] = msgspec.to_builtins(value)
     return out
 
 

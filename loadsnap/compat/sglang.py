@@ -31,19 +31,33 @@ import logging
 import os
 from typing import Any, Final
 
+import msgspec
+
 from loadsnap import settings
 from loadsnap.collector import Collector
 from loadsnap.errors import LoadsnapError, SegmentUnavailableError, UsageError
 from loadsnap.layout import DEFAULT_PAYLOAD_CAPACITY
-from loadsnap.schema import LoadSnapshot
+from loadsnap.schema import (
+    DisaggregationSection,
+    LoadSnapshot,
+    LoraSection,
+    MemorySection,
+    QueueSection,
+    SpeculativeSection,
+)
 from loadsnap.shm_reader import ShmReader
 from loadsnap.shm_writer import ShmWriter
 from loadsnap.zmq_writer import ZmqWriter
 
 __all__ = [
+    "DisaggregationMetrics",
+    "LoRAMetrics",
     "LoadSnapshot",
+    "MemoryMetrics",
+    "QueueMetrics",
     "ShmLoadSnapshotReader",
     "ShmLoadSnapshotWriter",
+    "SpeculativeMetrics",
     "ZmqLoadSnapshotWriter",
     "ZmqShmLoadSnapshotReader",
     "create_load_snapshot_reader",
@@ -51,6 +65,8 @@ __all__ = [
     "instance_for_path",
     "shm_path_for",
     "should_use_zmq",
+    "snapshot_decoder",
+    "snapshot_encoder",
     "zmq_reader_owner",
 ]
 
@@ -60,6 +76,92 @@ _LOAD_AWARE_METHODS: Final = frozenset({"total_requests", "total_tokens"})
 _NAME_KEEP: Final[int] = 40  # characters of a path's name kept in its instance name
 # sglang's slots hold 16 KiB; a realistic snapshot with every section is about 1 KiB.
 COMPAT_PAYLOAD_CAPACITY: Final[int] = max(DEFAULT_PAYLOAD_CAPACITY, 8192)
+
+
+# --- sglang's section structs ---------------------------------------------------------------
+# sglang builds its sections positionally or by keyword, in its own field order; loadsnap's
+# sections carry those fields under the same names (appended, ``loadsnap.schema``). These
+# constructors take sglang's signatures and return loadsnap's sections, so sglang's scheduler
+# code builds snapshots unchanged and every reader sees sglang's figures.
+
+
+def MemoryMetrics(
+    weight_gb: float, kv_cache_gb: float, graph_gb: float, token_capacity: int
+) -> MemorySection:
+    """sglang's ``MemoryMetrics``: a :class:`~loadsnap.MemorySection`."""
+    return MemorySection(
+        weight_gb=weight_gb,
+        kv_cache_gb=kv_cache_gb,
+        graph_gb=graph_gb,
+        token_capacity=token_capacity,
+    )
+
+
+def SpeculativeMetrics(
+    accept_length: float,
+    accept_rate: float,
+    draft_occupancy_rate: float | None = None,
+    proposed_draft_length: float | None = None,
+) -> SpeculativeSection:
+    """sglang's ``SpeculativeMetrics``: a :class:`~loadsnap.SpeculativeSection`."""
+    return SpeculativeSection(
+        accept_length=accept_length,
+        accept_rate=accept_rate,
+        draft_occupancy_rate=draft_occupancy_rate,
+        proposed_draft_length=proposed_draft_length,
+    )
+
+
+def LoRAMetrics(slots_used: int, slots_total: int, utilization: float) -> LoraSection:
+    """sglang's ``LoRAMetrics``: a :class:`~loadsnap.LoraSection`."""
+    return LoraSection(slots_used=slots_used, slots_total=slots_total, utilization=utilization)
+
+
+def DisaggregationMetrics(
+    mode: str,
+    prefill_bootstrap_queue_reqs: int = 0,
+    prefill_inflight_queue_reqs: int = 0,
+    decode_prealloc_queue_reqs: int = 0,
+    decode_transfer_queue_reqs: int = 0,
+    decode_retracted_queue_reqs: int = 0,
+    kv_transfer_speed_gb_s: float = 0.0,
+    kv_transfer_latency_ms: float = 0.0,
+    *,
+    prefill_prealloc_queue_reqs: int | None = None,
+) -> DisaggregationSection:
+    """sglang's ``DisaggregationMetrics`` (either name of its first prefill queue)."""
+    return DisaggregationSection(
+        mode=mode,
+        prefill_bootstrap_queue_reqs=prefill_bootstrap_queue_reqs,
+        prefill_prealloc_queue_reqs=(
+            prefill_bootstrap_queue_reqs
+            if prefill_prealloc_queue_reqs is None
+            else prefill_prealloc_queue_reqs
+        ),
+        prefill_inflight_queue_reqs=prefill_inflight_queue_reqs,
+        decode_prealloc_queue_reqs=decode_prealloc_queue_reqs,
+        decode_transfer_queue_reqs=decode_transfer_queue_reqs,
+        decode_retracted_queue_reqs=decode_retracted_queue_reqs,
+        kv_transfer_speed_gb_s=kv_transfer_speed_gb_s,
+        kv_transfer_latency_ms=kv_transfer_latency_ms,
+    )
+
+
+def QueueMetrics(
+    waiting: int, grammar: int, paused: int, retracted: int, prealloc_ready: int = 0
+) -> QueueSection:
+    """sglang's ``QueueMetrics``: a :class:`~loadsnap.QueueSection`."""
+    return QueueSection(
+        waiting=waiting,
+        grammar=grammar,
+        paused=paused,
+        retracted=retracted,
+        prealloc_ready=prealloc_ready,
+    )
+
+
+snapshot_encoder: Final = msgspec.msgpack.Encoder()
+snapshot_decoder: Final = msgspec.msgpack.Decoder(LoadSnapshot)
 
 
 def _safe(name: str) -> str:

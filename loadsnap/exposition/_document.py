@@ -136,7 +136,10 @@ def disaggregation_metrics(
     return DisaggregationMetrics(
         mode=section.mode,
         prefill_prealloc_queue_reqs=_count(
-            section.prefill_prealloc_queue_reqs, section.num_bootstrap_queue_reqs
+            section.prefill_prealloc_queue_reqs
+            if section.prefill_prealloc_queue_reqs is not None
+            else section.prefill_bootstrap_queue_reqs,  # sglang's later name for it
+            section.num_bootstrap_queue_reqs,
         ),
         prefill_inflight_queue_reqs=_count(
             section.prefill_inflight_queue_reqs, section.num_inflight_queue_reqs
@@ -154,12 +157,13 @@ def disaggregation_metrics(
 
 
 def queue_metrics(section: QueueSection, snapshot: LoadSnapshot) -> QueueMetrics:
-    """sglang's ``queues`` for ``section`` (``waiting`` is the core waiting count)."""
+    """sglang's ``queues`` for ``section`` (sglang's own figures when the writer set them,
+    else ours; ``waiting`` defaults to the core waiting count)."""
     return QueueMetrics(
-        waiting=_i32(snapshot.num_waiting_reqs),
-        grammar=_i32(section.num_grammar_queue_reqs),
-        paused=_i32(section.num_paused_reqs),
-        retracted=_i32(section.num_retracted_reqs),
+        waiting=_count(section.waiting, snapshot.num_waiting_reqs),
+        grammar=_count(section.grammar, section.num_grammar_queue_reqs),
+        paused=_count(section.paused, section.num_paused_reqs),
+        retracted=_count(section.retracted, section.num_retracted_reqs),
     )
 
 

@@ -97,3 +97,37 @@ def test_every_sglang_path_maps_to_a_valid_distinct_instance(path: str) -> None:
     assert directory == path.rsplit("/", 1)[0]
     assert validate_instance(instance) == instance
     assert compat.instance_for_path(path + "x")[1] != instance
+
+
+def test_section_structs_take_sglang_signatures_and_carry_its_figures() -> None:
+    from loadsnap import LoadSnapshot, decode_snapshot, encode_snapshot
+
+    snapshot = LoadSnapshot(
+        dp_rank=0,
+        memory=compat.MemoryMetrics(40.5, 20.25, 1.5, 65536),  # sglang's positional order
+        speculative=compat.SpeculativeMetrics(accept_length=2.5, accept_rate=0.625),
+        lora=compat.LoRAMetrics(2, 8, 0.25),
+        disaggregation=compat.DisaggregationMetrics("prefill", 3, 1),
+        queues=compat.QueueMetrics(waiting=4, grammar=1, paused=0, retracted=2, prealloc_ready=5),
+    )
+    back = decode_snapshot(encode_snapshot(snapshot))
+    assert back == snapshot
+    out = back.to_dict(None)  # sglang's include=None: everything
+    assert out["memory"] == {
+        "weight_gb": 40.5,
+        "kv_cache_gb": 20.25,
+        "graph_gb": 1.5,
+        "token_capacity": 65536,
+    }
+    assert out["speculative"] == {"accept_length": 2.5, "accept_rate": 0.625}
+    assert out["lora"] == {"slots_used": 2, "slots_total": 8, "utilization": 0.25}
+    assert out["disaggregation"]["prefill_bootstrap_queue_reqs"] == 3
+    assert out["disaggregation"]["prefill_prealloc_queue_reqs"] == 3  # the older name too
+    assert out["queues"] == {
+        "waiting": 4,
+        "grammar": 1,
+        "paused": 0,
+        "retracted": 2,
+        "prealloc_ready": 5,
+    }
+    assert "core" in LoadSnapshot.VALID_SECTIONS and "disagg" in LoadSnapshot.VALID_SECTIONS

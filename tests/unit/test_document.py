@@ -10,8 +10,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadsnap import (
+    DisaggregationSection,
     LoadSnapshot,
     MemorySection,
+    QueueSection,
     SlotRead,
     SlotStatus,
 )
@@ -540,6 +542,23 @@ def test_counts_are_clamped_to_32_bits() -> None:
     assert doc.aggregate.total_running_reqs == I32_MAX
     # The clamp is in the schema too: a document never carries a value routers cannot parse.
     msgspec.json.decode(msgspec.json.encode(doc), type=LoadsDocument)
+
+
+def test_figures_sglang_code_set_win_over_derived_ones() -> None:
+    # What sglang's scheduler sets through loadsnap.compat.sglang is served as it is.
+    snapshot = LoadSnapshot(
+        dp_rank=0,
+        num_waiting_reqs=9,
+        queues=QueueSection(num_paused_reqs=7, waiting=4, grammar=1, paused=0, retracted=2),
+        disaggregation=DisaggregationSection(
+            mode="prefill", num_bootstrap_queue_reqs=6, prefill_bootstrap_queue_reqs=3
+        ),
+    )
+    doc = build_document([SlotRead(0, SlotStatus.FRESH, snapshot, 0.1, 1, 1, 1)], "all")
+    load = doc.loads[0]
+    assert load.queues == QueueMetrics(waiting=4, grammar=1, paused=0, retracted=2)
+    assert isinstance(load.disaggregation, DisaggregationMetrics)
+    assert load.disaggregation.prefill_prealloc_queue_reqs == 3
 
 
 def test_legacy_get_load_is_sglang_routers_shape() -> None:

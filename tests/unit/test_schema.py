@@ -153,7 +153,9 @@ def test_to_dict_all_and_unfilled_sections() -> None:
     assert set(out) == {*CORE_FIELDS, *SECTION_FIELDS.values()}
     assert msgspec.convert(out, LoadSnapshot) == snapshot
     bare = LoadSnapshot(dp_rank=0).to_dict("all")
-    assert all(bare[attribute] is None for attribute in SECTION_FIELDS.values())
+    assert set(bare) == set(CORE_FIELDS)  # unfilled sections are left out, as sglang does
+    assert LoadSnapshot(dp_rank=0).to_dict(None) == bare  # None: all (sglang's convention)
+    assert snapshot.to_dict(None) == out
     msgspec.json.encode(out)
 
 
