@@ -47,7 +47,8 @@ __all__ = ["FORMATS", "LoadsQuery", "LockedSource", "loads_router", "parse_loads
 
 FORMATS: Final[tuple[str, ...]] = ("json", "prometheus", "openmetrics")
 OutputFormat = Literal["json", "prometheus", "openmetrics"]
-_RANK_RE: Final = re.compile(r"^\s*[0-9]{1,9}\s*$")
+# ASCII digits and blanks only: int() would refuse other Unicode whitespace that \s accepts.
+_RANK_RE: Final = re.compile(r"^[ \t]*([0-9]{1,9})[ \t]*$")
 _OPENMETRICS_MEDIA: Final[str] = "application/openmetrics-text"
 T = TypeVar("T")
 
@@ -131,9 +132,10 @@ def parse_loads_query(
     """
     rank: int | None = None
     if dp_rank is not None:
-        if not _RANK_RE.match(dp_rank):
+        match = _RANK_RE.match(dp_rank)
+        if match is None:
             raise UsageError(f"dp_rank: expected a non-negative integer, found {dp_rank!r}")
-        rank = int(dp_rank)
+        rank = int(match.group(1))
     sections = parse_include(default_include if include is None else include)
     fmt = (format or "").strip().lower()
     if fmt == "":

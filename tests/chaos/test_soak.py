@@ -45,6 +45,7 @@ RATE_RPS = 150.0
 WARMUP_S = 1.0
 RSS_GROWTH_MAX_KIB = 32 * 1024
 FD_GROWTH_MAX = 8
+FD_SAMPLES = 10
 
 PROBE_SCRIPT = r"""
 import json, sys, time
@@ -98,11 +99,21 @@ def shm_entries(instance: str) -> int:
 
 
 class Resources:
-    """RSS, open fds (per process) and this instance's /dev/shm entries at one moment."""
+    """RSS, open fds (per process) and this instance's /dev/shm entries.
+
+    Fds are the least of ``FD_SAMPLES`` counts 50 ms apart: a scrape in flight holds a client
+    and a server socket for a moment, which a single count can catch on either side, while a
+    leak raises every count.
+    """
 
     def __init__(self, pids: list[int], instance: str) -> None:
         self.rss_kib = [rss_kib(p) for p in pids]
-        self.fds = [fd_count(p) for p in pids]
+        counts = []
+        for i in range(FD_SAMPLES):
+            if i:
+                time.sleep(0.05)
+            counts.append([fd_count(p) for p in pids])
+        self.fds = [min(column) for column in zip(*counts, strict=True)]
         self.shm = shm_entries(instance)
 
     def __repr__(self) -> str:

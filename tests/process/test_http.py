@@ -394,3 +394,11 @@ def test_create_app_needs_exactly_one_source(instance: str) -> None:
         create_app()
     with pytest.raises(UsageError):
         create_app(instance, source=SlowSource(0.0))
+
+
+@pytest.mark.parametrize("raw", ["0\x1e", "\u20051", "1\u2028", "０", "1 2", "-1", "1e3"])
+def test_dp_rank_with_unicode_whitespace_or_digits_is_a_400(raw: str) -> None:
+    # Found by schemathesis: \s accepted "0\x1e", which int() then refused (a 500).
+    with pytest.raises(UsageError, match="dp_rank: expected a non-negative integer"):
+        parse_loads_query(raw, None, None, "")
+    assert parse_loads_query(" 7\t", None, None, "").dp_rank == 7
