@@ -36,11 +36,11 @@ from loadsnap import (
 )
 from loadsnap._location import SegmentLocation
 from loadsnap._segment import open_readonly
-from loadsnap._seqlock import record_crc
+from loadsnap._seqlock import records_intact
 from loadsnap.layout import (
-    CRC_STRUCT,
     HOT_FIELDS,
     HOT_STRUCT,
+    RECORD_CRC_SIZE,
     RECORD_HEADER_SIZE,
     SegmentGeometry,
 )
@@ -194,8 +194,11 @@ def control_main(instance: str, duration_s: float) -> None:
                 length = int.from_bytes(header[4:8], "little")
                 if length == 0 or length > geometry.payload_capacity:
                     continue
-                payload = bytes(buf[base + RECORD_HEADER_SIZE : base + RECORD_HEADER_SIZE + length])
-                record = header + payload
+                start = base + RECORD_HEADER_SIZE
+                payload = bytes(buf[start : start + length])
+                record = (
+                    header + payload + bytes(buf[start + length : start + length + RECORD_CRC_SIZE])
+                )
                 counts["reads"] += 1
                 try:
                     torn = _hot_tear(hot) or _snapshot_tear(decode_snapshot(payload), hot["seq"])
@@ -203,7 +206,7 @@ def control_main(instance: str, duration_s: float) -> None:
                     torn = True
                     counts["undecodable"] += 1
                 counts["tears"] += torn
-                crc_ok = record_crc(record) == CRC_STRUCT.unpack(record[:4])[0]
+                crc_ok = records_intact(record)
                 counts["crc_missed"] += torn and crc_ok  # a tear the CRC would have let through
     buf.release()
     segment.close()
