@@ -42,7 +42,10 @@ from loadsnap.reading import ReaderStats
 from loadsnap.schema import LoadSnapshot
 from loadsnap.wire import DECODE_ERRORS, wire_error
 
-__all__ = ["GATHER_MIN_RANKS", "SMALL_MAX_RANKS", "RankCache"]
+__all__ = ["GATHER_MIN_RANKS", "SMALL_MAX_RANKS", "Payloads", "RankCache"]
+
+# Payloads of records just read, by rank (slices of an mmap are bytes; of a bytearray, not).
+Payloads = dict[int, bytes | bytearray]
 
 # Below this many ranks to read, the protocol runs rank by rank in Python; from it on, with
 # numpy gathers (a few µs of fixed cost, then well under 100 ns a rank).
@@ -195,7 +198,7 @@ class RankCache:
 
     # --- catching up ------------------------------------------------------------------------
 
-    def sync(self, ctl: bytes, keep: bool) -> tuple[list[int], dict[int, bytes]]:
+    def sync(self, ctl: bytes, keep: bool) -> tuple[list[int], Payloads]:
         """Catch up with the segment given a fresh copy of its control table: read the records
         of the ranks whose sequence moved (and of those left torn).
 
@@ -219,7 +222,7 @@ class RankCache:
             self.touched.update(changed)
         return changed, payloads
 
-    def _sync_small(self, ctl: bytes, keep: bool) -> tuple[list[int], dict[int, bytes]]:
+    def _sync_small(self, ctl: bytes, keep: bool) -> tuple[list[int], Payloads]:
         assert self._unpack_control is not None
         values = self._unpack_control(ctl)
         seqs, pids, epochs = values[0::3], list(values[1::3]), list(values[2::3])
@@ -242,10 +245,10 @@ class RankCache:
             self.touched.update(changed)
         return changed, payloads
 
-    def fetch(self, ranks: Sequence[int] | npt.NDArray[np.intp], keep: bool) -> dict[int, bytes]:
+    def fetch(self, ranks: Sequence[int] | npt.NDArray[np.intp], keep: bool) -> Payloads:
         """Read the records of ``ranks`` through the protocol and make them the accepted ones;
         with ``keep``, return their payloads (rank -> bytes)."""
-        payloads: dict[int, bytes] = {}
+        payloads: Payloads = {}
         if len(ranks) == 0:
             return payloads
         self.generation += 1
@@ -260,7 +263,7 @@ class RankCache:
             self._fetch_gathered(np.asarray(ranks, dtype=np.intp), keep, payloads)
         return payloads
 
-    def _fetch_each(self, ranks: list[int], keep: bool, payloads: dict[int, bytes]) -> None:
+    def _fetch_each(self, ranks: list[int], keep: bool, payloads: Payloads) -> None:
         stats, torn, hot, accepted = self._stats, self.torn, self._hot_buf, self._accepted
         result = read_records(
             self._mm,
@@ -293,9 +296,7 @@ class RankCache:
             if accepted is not None:
                 accepted[rank] = seq
 
-    def _fetch_gathered(
-        self, ranks: npt.NDArray[np.intp], keep: bool, payloads: dict[int, bytes]
-    ) -> None:
+    def _fetch_gathered(self, ranks: npt.NDArray[np.intp], keep: bool, payloads: Payloads) -> None:
         stats, torn, hot_words = self._stats, self.torn, self._hot_words
         gathered = gather_records(
             self._copy_words,
@@ -328,7 +329,7 @@ class RankCache:
 
     # --- decoding ---------------------------------------------------------------------------
 
-    def decode(self, ranks: Iterable[int], payloads: dict[int, bytes]) -> None:
+    def decode(self, ranks: Iterable[int], payloads: Payloads) -> None:
         """Decode the accepted records of ``ranks`` not decoded yet, re-reading those whose
         payload is not in ``payloads`` (a record accepted by a hot table, say)."""
         seqs, decoded = self.accepted(), self.decoded

@@ -248,7 +248,7 @@ class BatchRead(NamedTuple):
 
     outcomes: list[ReadOutcome]
     seqs: list[int]
-    records: list[bytes]
+    records: list[bytes | bytearray]
     retries: int
     crc_rejects: int
 
@@ -269,28 +269,32 @@ def read_records(
     copy it advertises, load the word again, check the record's sequence and check word); the
     check words of every copied record are tested with one call (:func:`records_intact`),
     then one by one only if that fails. Slots that moved or failed are retried together, at
-    most ``attempts`` times. Slices of ``buf`` are copied to ``bytes`` (an ``mmap`` slices to
-    ``bytes`` directly). ``batch_check=False`` checks each record alone; ``verify=False``
+    most ``attempts`` times. ``buf`` is an ``mmap``, ``bytes`` or ``bytearray`` (or a view of
+    the whole of one), whose slices are copies. ``batch_check=False`` checks each record alone;
+    ``verify=False``
     skips the sequence and check-word tests (control runs only).
     """
     count = len(seq_indexes)
     outcomes = [ReadOutcome.TORN] * count
     seqs = [0] * count
-    records = [b""] * count
+    records: list[bytes | bytearray] = [b""] * count
     retries = crc_rejects = 0
+    # Slices must be copies: an mmap, bytes or bytearray slices to one (a memoryview to a view).
+    source = buf.obj if isinstance(buf, memoryview) else buf
+    if not isinstance(source, (mmap.mmap, bytes, bytearray)) or len(source) != len(buf):
+        raise TypeError("read_records reads an mmap, bytes or bytearray, or a whole view of one")
     pending: Sequence[int] = range(count)
     for _ in range(attempts):
-        taken: list[tuple[int, int, bytes]] = []
+        taken: list[tuple[int, int, bytes | bytearray]] = []
         for i in pending:
             s1 = words[seq_indexes[i]]
             if s1 == 0:
                 outcomes[i] = ReadOutcome.NEVER_PUBLISHED
                 continue
             base = copies[i][s1 & 1]
-            length = _U32(buf, base + COPY_PAYLOAD_LEN_OFFSET)[0]
-            record = b""  # a torn length: rejected below
-            if length <= capacity:
-                record = bytes(buf[base : base + RECORD_OVERHEAD + length])
+            length = _U32(source, base + COPY_PAYLOAD_LEN_OFFSET)[0]
+            # A length beyond the capacity is torn: an empty record, rejected below.
+            record = source[base : base + RECORD_OVERHEAD + length] if length <= capacity else b""
             taken.append((i, s1, record))
         whole = not verify or (
             batch_check and len(taken) > 1 and records_intact(b"".join([r for _, _, r in taken]))

@@ -28,7 +28,7 @@ from typing import Final
 
 from loadsnap._hottable import TableParts, aged_status, build_parts, hot_table, table_age
 from loadsnap._location import SegmentLocation
-from loadsnap._readcache import GATHER_MIN_RANKS, SMALL_MAX_RANKS, RankCache
+from loadsnap._readcache import GATHER_MIN_RANKS, SMALL_MAX_RANKS, Payloads, RankCache
 from loadsnap._segment import MappedSegment, open_readonly
 from loadsnap.errors import (
     LayoutError,
@@ -311,7 +311,7 @@ class ShmReader:
         self.stats.reads += 1
         cache, words = self._cache, self._words
         ctl = self._geometry.control_offset(rank) // 8
-        payloads: dict[int, bytes] = {}
+        payloads: Payloads = {}
         if words[ctl + CTRL_SEQ_OFFSET // 8] != cache.accepted()[rank] or rank in cache.torn:
             payloads = cache.fetch([rank], keep=True)
         cache.decode((rank,), payloads)
