@@ -1,9 +1,11 @@
-"""Shared benchmark helpers: CLI flags, statistics, tables, JSON output, machine info, workloads.
+"""Shared benchmark helpers: the skeleton, statistics, tables, JSON output, machine info, charts.
 
-Every ``benchmarks/bench_<question>.py`` builds its parser with :func:`make_parser` (so all of
-them take ``--json PATH`` and ``--quick``), keeps its measurements in a :class:`BenchResult`,
-prints it with :meth:`BenchResult.print_tables` and writes it with :func:`finish`. The report
-(``python -m benchmarks.report``) reads the JSON back; see ``benchmarks/README.md``.
+Every ``benchmarks/bench_<question>.py`` is its measurement: ``main`` hands :func:`bench_main`
+the module's flags, its ``--quick`` sizes and a function from the parsed flags to a
+:class:`BenchResult`; :func:`bench_main` parses (``--json PATH`` and ``--quick`` for every
+bench, from :func:`make_parser`), times the run, prints the tables and writes the JSON
+(:func:`finish`). The report (``python -m benchmarks.report``) reads the JSON back and draws
+each chart between :func:`subplots` and :func:`save_figure`; see ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -34,9 +36,12 @@ from loadsnap import (
 
 __all__ = [
     "BenchResult",
+    "FlagError",
     "Headline",
     "ReportSection",
     "Table",
+    "bench_main",
+    "default_section",
     "finish",
     "latency_stats",
     "machine_info",
@@ -44,6 +49,8 @@ __all__ = [
     "make_snapshot",
     "pin_to_cpus",
     "ratio",
+    "save_figure",
+    "subplots",
     "unique_instance",
 ]
 
@@ -388,6 +395,55 @@ def finish(
     return document
 
 
+class FlagError(ValueError):
+    """Flag values a benchmark cannot run with: :func:`bench_main` reports it as argparse would."""
+
+
+def bench_main(
+    doc: str | None,
+    argv: Sequence[str] | None,
+    measure: Callable[[argparse.Namespace], BenchResult],
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    quick: Mapping[str, Any] | None = None,
+) -> int:
+    """The whole of a benchmark's ``main``: parse, measure, print the tables, write ``--json``.
+
+    Parameters
+    ----------
+    doc:
+        The module docstring; its first line is the ``--help`` description.
+    argv:
+        The arguments (``sys.argv[1:]`` when None).
+    measure:
+        Runs the benchmark with the parsed flags and returns what it measured. It may raise
+        :class:`FlagError` before measuring anything: the usage error exits 2.
+    add_arguments:
+        Adds the benchmark's own flags to the parser (``--json`` and ``--quick`` are there).
+    quick:
+        Flag values (by ``dest``) that replace the parsed ones under ``--quick``.
+
+    Returns
+    -------
+    int
+        The exit status, 0.
+    """
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser(doc)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(args_list)
+    if args.quick:
+        for dest, value in (quick or {}).items():
+            setattr(args, dest, value)
+    started = time.perf_counter()
+    try:
+        result = measure(args)
+    except FlagError as exc:
+        parser.error(str(exc))
+    finish(result, args_list, started, args.json)
+    return 0
+
+
 # --- report sections (bench modules return these from their ``summarize`` hook) ----------------
 
 
@@ -408,16 +464,20 @@ class ReportSection:
     charts: list[str] = field(default_factory=list)
 
 
-def default_section(result: dict[str, Any]) -> ReportSection:
-    """The section a bench gets when it has no ``summarize`` hook: its tables and targets."""
+def default_section(
+    result: dict[str, Any], title: str | None = None, limits: str = ""
+) -> ReportSection:
+    """A section from the JSON: its tables, headlines and targets, under ``title`` (the bench's
+    name when None) with the ``limits`` paragraph. What the report renders for a bench without a
+    ``summarize`` hook, from its ``TITLE`` and ``LIMITS``."""
     notes = [
         f"{'PASS' if t['passed'] else 'FAIL'}: {t['target']} ({t['detail']})"
         for t in result.get("targets", [])
     ]
     return ReportSection(
-        title=str(result.get("name", "benchmark")),
+        title=str(result.get("name", "benchmark")) if title is None else title,
         question=str(result.get("question", "")),
-        limits="",
+        limits=limits,
         tables=[Table.from_json(t) for t in result.get("tables", [])],
         headlines=[Headline.from_json(h) for h in result.get("headlines", [])],
         notes=notes,
@@ -444,3 +504,27 @@ def fmt_ratio(value: float) -> str:
     if value >= 100:
         return f"{value:,.0f}x"
     return f"{value:.1f}x" if value >= 10 else f"{value:.2f}x"
+
+
+# --- charts (matplotlib is imported here, when a chart is drawn: the report chose Agg) ---------
+
+
+def subplots(*args: Any, **kwargs: Any) -> Any:
+    """``matplotlib.pyplot.subplots(*args, **kwargs)``: a figure and its axes."""
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig: Any, out_dir: Path, name: str) -> list[Path]:
+    """Lay ``fig`` out, write it as ``out_dir / name`` (PNG, 110 dpi) and close it.
+
+    Returns the paths written, as a ``plot`` hook returns them.
+    """
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = out_dir / name
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

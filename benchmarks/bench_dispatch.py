@@ -43,6 +43,7 @@ Run: ``python -m benchmarks.bench_dispatch`` (``--quick`` for the smoke size).
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 import uuid
@@ -53,11 +54,10 @@ from typing import Any, Final
 from benchmarks._common import (
     BenchResult,
     Headline,
-    ReportSection,
     Table,
-    default_section,
-    finish,
-    make_parser,
+    bench_main,
+    save_figure,
+    subplots,
 )
 from dp_controller.budget import CONTROLLER_POLICY, BudgetConfig, DPBudget, Policy
 from dp_controller.cli import make_dispatcher
@@ -224,10 +224,8 @@ def _spread(values: Sequence[float]) -> str:
     return f"{mean:.3f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; see the module docstring."""
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This benchmark's flags."""
     parser.add_argument("--decisions", type=int, default=200_000, help="per round at dp 8")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dp-size", type=int, default=4, help="schedulers for the trace")
@@ -235,13 +233,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=3, help="trace replays per policy (interleaved)"
     )
-    args = parser.parse_args(args_list)
-    trace_policies = POLICIES
-    if args.quick:
-        args.decisions, args.rounds = 2000, 1
-        args.dp_size, args.duration_s, args.repeats = 2, 1.0, 1
-        trace_policies = QUICK_TRACE_POLICIES
-    started = time.perf_counter()
+
+
+QUICK: Final = dict(decisions=2000, rounds=1, dp_size=2, duration_s=1.0, repeats=1)
+
+
+def run(args: argparse.Namespace) -> BenchResult:
+    """Decision rates at dp 8 and 256, then every policy on the bursty trace."""
+    trace_policies = QUICK_TRACE_POLICIES if args.quick else POLICIES
     result = BenchResult(
         "bench_dispatch",
         "How fast are dispatch decisions, and do bursts stay balanced with low tail TTFT?",
@@ -356,43 +355,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repeats": args.repeats,
         "min_mean_per_rank": MIN_MEAN_PER_RANK,
     }
-    finish(result, args_list, started, args.json)
-    return 0
+    return result
 
 
-def summarize(result: dict[str, Any]) -> ReportSection:
-    """BENCHMARKS.md section with the limits paragraph."""
-    section = default_section(result)
-    section.title = "Dispatch quality"
-    section.limits = (
-        "A decision is a Python loop over the ranks' budgets (a few µs at dp 8); at dp 256 the "
-        "scores are numpy arrays whose per-call overhead sets the floor, and power-of-two choices "
-        "makes a decision O(1) at any size. Tail TTFT on the bursty trace is set by the prefill "
-        "queue a burst builds on each rank (0.1 ms per prompt token here): spreading prompt tokens "
-        "evenly is what shortens it. The 5 ms imbalance figure is set less by the busy phase "
-        "(every count-balancing policy holds 1.05-1.1 there) than by how batches drain: a rank's "
-        "decode batch sheds its requests in steps (every request of one output length ends in the "
-        "same step), so ranks that start decoding tens of milliseconds apart, or hold different "
-        "mixes of output lengths, read as max/mean 1.5-2.5 while 2-8 requests per rank remain. "
-        "The snapshot-driven policies (requests_then_work, BudgetConfig's default, and the rest) "
-        "see only prompt plus output tokens and learn of completions with the next snapshot "
-        "(every 15 decode steps). Ours, length_aware, also uses each request's prompt length and "
-        "max_new_tokens and learns completions from the results the controller receives: it "
-        "keeps each rank's outstanding prompt tokens and its outstanding requests per "
-        "output-length class level, so the ranks start decoding together and shed their requests "
-        "in the same steps. Its gain rests on max_new_tokens being the output length, which "
-        "holds in the reference scheduler's sim; in real serving it is an upper bound (requests "
-        "stop early), and length_aware counts only this controller's own requests (health and "
-        "acknowledgements still come from the snapshots). The load-weighted figure counts each "
-        "sample by the requests it holds and shows the herding the issue is about."
-    )
-    return section
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; see the module docstring."""
+    return bench_main(__doc__, argv, run, add_arguments, QUICK)
+
+
+TITLE: Final[str] = "Dispatch quality"
+LIMITS: Final[str] = (
+    "A decision is a Python loop over the ranks' budgets (a few µs at dp 8); at dp 256 the "
+    "scores are numpy arrays whose per-call overhead sets the floor, and power-of-two choices "
+    "makes a decision O(1) at any size. Tail TTFT on the bursty trace is set by the prefill "
+    "queue a burst builds on each rank (0.1 ms per prompt token here): spreading prompt tokens "
+    "evenly is what shortens it. The 5 ms imbalance figure is set less by the busy phase "
+    "(every count-balancing policy holds 1.05-1.1 there) than by how batches drain: a rank's "
+    "decode batch sheds its requests in steps (every request of one output length ends in the "
+    "same step), so ranks that start decoding tens of milliseconds apart, or hold different "
+    "mixes of output lengths, read as max/mean 1.5-2.5 while 2-8 requests per rank remain. "
+    "The snapshot-driven policies (requests_then_work, BudgetConfig's default, and the rest) "
+    "see only prompt plus output tokens and learn of completions with the next snapshot "
+    "(every 15 decode steps). Ours, length_aware, also uses each request's prompt length and "
+    "max_new_tokens and learns completions from the results the controller receives: it "
+    "keeps each rank's outstanding prompt tokens and its outstanding requests per "
+    "output-length class level, so the ranks start decoding together and shed their requests "
+    "in the same steps. Its gain rests on max_new_tokens being the output length, which "
+    "holds in the reference scheduler's sim; in real serving it is an upper bound (requests "
+    "stop early), and length_aware counts only this controller's own requests (health and "
+    "acknowledgements still come from the snapshots). The load-weighted figure counts each "
+    "sample by the requests it holds and shows the herding the issue is about."
+)
 
 
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """Imbalance over time per design (left) and p50/p99 TTFT bars per design (right)."""
-    import matplotlib.pyplot as plt
-
     data = result["data"]
     traces: dict[str, dict[str, Any]] = data["traces"]
     ours, base = data["ours"], data["baseline"]
@@ -404,7 +401,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
         "round_robin": "#7f7f7f",
         library_default: "#2ca02c",
     }
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), width_ratios=[1.6, 1])
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(12, 4.2), width_ratios=[1.6, 1])
     for policy in (base, "round_robin", library_default, ours):
         samples = traces.get(policy, {}).get("samples")
         if not samples:
@@ -434,11 +431,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     ax2.set_ylabel("time to first token, ms")
     ax2.set_title("TTFT per design, bursty trace")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "dispatch.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, out_dir, "dispatch.png")
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ Run: ``python -m benchmarks.bench_freshness`` (``--quick`` for the smoke size).
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,16 +39,15 @@ from typing import Any, Final
 from benchmarks._common import (
     BenchResult,
     Headline,
-    ReportSection,
     Table,
-    default_section,
-    finish,
+    bench_main,
     fmt_ratio,
     fmt_us,
     latency_stats,
-    make_parser,
     make_snapshot,
     ratio,
+    save_figure,
+    subplots,
     unique_instance,
 )
 from benchmarks.baselines.flock_segment import FlockSegment
@@ -447,10 +446,8 @@ def build_result(
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; see the module docstring."""
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This benchmark's flags."""
     parser.add_argument("--dp-size", type=int, default=4, help="simulated ranks")
     parser.add_argument("--step-ms", type=float, default=3.0, help="decode step of a rank")
     parser.add_argument(
@@ -465,10 +462,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="decode batch for the share")
     parser.add_argument("--cycles", type=int, default=30_000, help="cycles timed per N")
     parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args(args_list)
-    if args.quick:
-        args.seconds, args.cycles, args.rounds = 0.25, 1500, 1
-    started = time.perf_counter()
+
+
+QUICK: Final = dict(seconds=0.25, cycles=1500, rounds=1)
+
+
+def run(args: argparse.Namespace) -> BenchResult:
+    """The ages at every publish interval and throttle, then the publishing share of a step."""
     config: dict[str, Any] = {
         "dp_size": args.dp_size,
         "step_ms": args.step_ms,
@@ -478,38 +478,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     ages = {str(n): measure_cadence(n, args.throttles_ms, args) for n in CADENCES}
     share = measure_share(args.batch, args.cycles, args.rounds)
-    finish(build_result(ages, share, config), args_list, started, args.json)
-    return 0
+    return build_result(ages, share, config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; see the module docstring."""
+    return bench_main(__doc__, argv, run, add_arguments, QUICK)
 
 
 # --- report hooks ------------------------------------------------------------------------------
 
 
-def summarize(result: dict[str, Any]) -> ReportSection:
-    """BENCHMARKS.md section: tables from the JSON plus what sets the age and the cost."""
-    section = default_section(result)
-    section.title = "Freshness"
-    section.limits = (
-        "The age the controller acts on is set by configuration, not by the transport: a rank "
-        "publishes every N steps and the controller re-reads at most every T ms, so the median "
-        "age is about (N x step + T) / 2 and the tail about N x step + T; the shared-memory "
-        "read itself adds microseconds. The physical floor is one step (a scheduler cannot "
-        "report a step before it ends), reached with N = 1 and no throttle, which publishing "
-        "can afford: its cost per cycle (building the snapshot from the engine, msgspec "
-        "encode, one copy into the slot) is a few microseconds against a step of milliseconds. "
-        "Dispatch-critical freshness also comes from the ledger: dispatches a rank has not yet "
-        "acknowledged are counted on top of whatever age its load has."
-    )
-    return section
+TITLE: Final[str] = "Freshness"
+LIMITS: Final[str] = (
+    "The age the controller acts on is set by configuration, not by the transport: a rank "
+    "publishes every N steps and the controller re-reads at most every T ms, so the median "
+    "age is about (N x step + T) / 2 and the tail about N x step + T; the shared-memory "
+    "read itself adds microseconds. The physical floor is one step (a scheduler cannot "
+    "report a step before it ends), reached with N = 1 and no throttle, which publishing "
+    "can afford: its cost per cycle (building the snapshot from the engine, msgspec "
+    "encode, one copy into the slot) is a few microseconds against a step of milliseconds. "
+    "Dispatch-critical freshness also comes from the ledger: dispatches a rank has not yet "
+    "acknowledged are counted on top of whatever age its load has."
+)
 
 
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """Median and p99 age against publish interval, one line per throttle; share bars."""
-    import matplotlib.pyplot as plt
-
     ages, share = result["data"]["ages"], result["data"]["share"]
     step_ms = result["data"]["config"]["step_ms"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(11, 4))
     cadences = list(ages)
     throttles = list(ages[cadences[0]])
     xs = [int(n) * step_ms for n in cadences]
@@ -537,11 +535,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     ax2.set_ylabel("publishing share of a decode step, %")
     ax2.set_title(f"Publishing cost, {share['model_step_ns'] / 1e6:.1f} ms decode step")
     ax2.legend()
-    fig.tight_layout()
-    path = out_dir / "freshness.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, out_dir, "freshness.png")
 
 
 if __name__ == "__main__":

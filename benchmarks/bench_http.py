@@ -23,11 +23,11 @@ Run: ``python -m benchmarks.bench_http`` (``--quick`` for the smoke size).
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import math
 import multiprocessing as mp
 import random
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -40,15 +40,14 @@ from fastapi import FastAPI
 from benchmarks._common import (
     BenchResult,
     Headline,
-    ReportSection,
     Table,
-    default_section,
-    finish,
+    bench_main,
     fmt_ratio,
     fmt_us,
     latency_stats,
-    make_parser,
     ratio,
+    save_figure,
+    subplots,
     unique_instance,
 )
 from benchmarks.baselines.ask_schedulers import AskSchedulers, create_ask_app
@@ -299,10 +298,8 @@ def build_result(
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; see the module docstring."""
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This benchmark's flags."""
     parser.add_argument(
         "--steps-ms",
         type=float,
@@ -314,11 +311,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4, help="client threads")
     parser.add_argument("--requests", type=int, default=4000, help="most requests per design")
     parser.add_argument("--seconds", type=float, default=5.0, help="longest run per design")
-    args = parser.parse_args(args_list)
-    if args.quick:
-        args.steps_ms, args.dp_size, args.clients = [100.0], 2, 2
-        args.requests, args.seconds = 200, 0.8
-    started = time.perf_counter()
+
+
+QUICK: Final = dict(steps_ms=[100.0], dp_size=2, clients=2, requests=200, seconds=0.8)
+
+
+def run(args: argparse.Namespace) -> BenchResult:
+    """Both designs at every step time."""
     config: dict[str, Any] = {
         "steps_ms": args.steps_ms,
         "dp_size": args.dp_size,
@@ -327,40 +326,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds": args.seconds,
     }
     runs = {f"{step:g}": measure_step(step, args) for step in args.steps_ms}
-    finish(build_result(runs, config), args_list, started, args.json)
-    return 0
+    return build_result(runs, config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; see the module docstring."""
+    return bench_main(__doc__, argv, run, add_arguments, QUICK)
 
 
 # --- report hooks ------------------------------------------------------------------------------
 
 
-def summarize(result: dict[str, Any]) -> ReportSection:
-    """BENCHMARKS.md section: tables from the JSON plus what limits each design."""
-    section = default_section(result)
-    section.title = "/v1/loads under a busy engine"
-    section.limits = (
-        "Ours never waits for a scheduler: a request costs one HTTP round trip on loopback "
-        "through uvicorn and FastAPI, a thread hop for the shared-memory read (microseconds) "
-        "and the JSON render, so its latency is the HTTP stack's and does not depend on the "
-        "step time. That HTTP round trip is the floor here; on 2 cores shared with the "
-        "clients and the schedulers, its tail is set by OS scheduling. The baseline's latency "
-        "is the remaining time of the slowest rank's current step. Clients that ask back to "
-        "back re-ask just after the step boundary that answered them, so they wait almost a "
-        "whole step (an independent caller would wait half a step on average): its median, "
-        "p99 and max all sit near one step, and its throughput is about the number of "
-        "concurrent clients per step. With few baseline samples per run its p99 is close to "
-        "its max."
-    )
-    return section
+TITLE: Final[str] = "/v1/loads under a busy engine"
+LIMITS: Final[str] = (
+    "Ours never waits for a scheduler: a request costs one HTTP round trip on loopback "
+    "through uvicorn and FastAPI, a thread hop for the shared-memory read (microseconds) "
+    "and the JSON render, so its latency is the HTTP stack's and does not depend on the "
+    "step time. That HTTP round trip is the floor here; on 2 cores shared with the "
+    "clients and the schedulers, its tail is set by OS scheduling. The baseline's latency "
+    "is the remaining time of the slowest rank's current step. Clients that ask back to "
+    "back re-ask just after the step boundary that answered them, so they wait almost a "
+    "whole step (an independent caller would wait half a step on average): its median, "
+    "p99 and max all sit near one step, and its throughput is about the number of "
+    "concurrent clients per step. With few baseline samples per run its p99 is close to "
+    "its max."
+)
 
 
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """Grouped bars of p50/p99/max per step time and design, log scale."""
-    import matplotlib.pyplot as plt
-
     runs = result["data"]["runs"]
     keys = ["p50", "p99", "max"]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = subplots(figsize=(9, 4))
     groups = [(step, design) for step in runs for design in DESIGNS]
     width = 0.8 / len(keys)
     colors = {"p50": "#1f77b4", "p99": "#ff7f0e", "max": "#d62728"}
@@ -381,11 +378,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_ylabel("GET /v1/loads latency, ms (log)")
     ax.set_title("/v1/loads while schedulers run chunked prefills")
     ax.legend()
-    fig.tight_layout()
-    path = out_dir / "http.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, out_dir, "http.png")
 
 
 if __name__ == "__main__":

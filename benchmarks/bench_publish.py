@@ -26,6 +26,7 @@ core in production); ``--no-pin`` lets the OS place them. Every sample includes 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import mmap
 import multiprocessing as mp
@@ -45,15 +46,16 @@ from benchmarks._common import (
     Headline,
     ReportSection,
     Table,
+    bench_main,
     default_section,
-    finish,
     fmt_ratio,
     fmt_us,
     latency_stats,
-    make_parser,
     make_snapshot,
     pin_to_cpus,
     ratio,
+    save_figure,
+    subplots,
     timer_overhead_ns,
     unique_instance,
 )
@@ -507,12 +509,8 @@ def _crash_results(result: BenchResult, crash: dict[str, Any]) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; see the module docstring."""
-    import sys
-
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This benchmark's flags."""
     parser.add_argument("--cost-samples", type=int, default=200_000, help="samples per design")
     parser.add_argument("--storm-seconds", type=float, default=3.0, help="seconds per design")
     parser.add_argument("--readers", type=int, default=3, help="reader processes in the storm")
@@ -520,11 +518,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-pin", action="store_true", help="do not pin the writer to its own CPU"
     )
     parser.add_argument("--crash-trials", type=int, default=50, help="writer kills per design")
-    args = parser.parse_args(args_list)
-    if args.quick:
-        args.cost_samples, args.storm_seconds, args.readers = 3000, 0.2, 2
-        args.crash_trials = 10
-    started = time.perf_counter()
+
+
+QUICK: Final = dict(cost_samples=3000, storm_seconds=0.2, readers=2, crash_trials=10)
+
+
+def run(args: argparse.Namespace) -> BenchResult:
+    """The uncontended cost of every design, the writer's tail under the reader storm, then
+    writers killed mid-write."""
     config: dict[str, Any] = {
         "cost_samples": args.cost_samples,
         "storm_seconds": args.storm_seconds,
@@ -538,8 +539,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
     config["pinned"] = not args.no_pin and cpus >= 2
     crash = measure_crash(args.crash_trials)
-    finish(build_result(cost, storm, config, crash), args_list, started, args.json)
-    return 0
+    return build_result(cost, storm, config, crash)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; see the module docstring."""
+    return bench_main(__doc__, argv, run, add_arguments, QUICK)
 
 
 # --- report hooks -----------------------------------------------------------------------------
@@ -547,8 +552,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def summarize(result: dict[str, Any]) -> ReportSection:
     """BENCHMARKS.md section: tables from the JSON plus what limits the publish path."""
-    section = default_section(result)
-    section.title = "Publish path"
     cost = result["data"]["cost"]
     parts = {key: cost[key]["p50"] for key in PARTS if key in cost}
     breakdown = (
@@ -558,7 +561,7 @@ def summarize(result: dict[str, Any]) -> ReportSection:
         if len(parts) == len(PARTS)
         else ""
     )
-    section.limits = (
+    limits = (
         "The floor is msgspec encoding the snapshot into a reused buffer plus one copy into "
         f"shared memory ({fmt_us(cost['floor']['p50'])} µs here for a "
         f"{result['data']['config']['payload_bytes']} B payload). Our publish makes the same "
@@ -580,15 +583,13 @@ def summarize(result: dict[str, Any]) -> ReportSection:
         "stores (the zero-fill of 16 KiB is most of that window); ours keeps the previous "
         "record readable at every step, since the copy readers are sent to is never written."
     )
-    return section
+    return default_section(result, "Publish path", limits)
 
 
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """Two bar charts: publish cost against the floor; writer tail under the storm (log)."""
-    import matplotlib.pyplot as plt
-
     cost, storm = result["data"]["cost"], result["data"]["storm"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(11, 4))
     names = ["floor", "ours", "flock"]
     labels = ["floor\nencode+copy", "ours\nShmWriter.publish", "flock baseline\nwrite"]
     colors = ["#999999", "#1f77b4", "#d62728"]
@@ -622,11 +623,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     readers = int(storm["ours"]["readers"])
     ax2.set_title(f"Writer latency with {readers} readers in a tight loop")
     ax2.legend()
-    fig.tight_layout()
-    path = out_dir / "publish.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, out_dir, "publish.png")
 
 
 if __name__ == "__main__":

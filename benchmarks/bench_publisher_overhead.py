@@ -18,6 +18,7 @@ Run: ``python -m benchmarks.bench_publisher_overhead`` (``--quick`` for the smok
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import tempfile
@@ -31,11 +32,12 @@ from benchmarks._common import (
     Headline,
     ReportSection,
     Table,
+    bench_main,
     default_section,
-    finish,
     fmt_us,
     latency_stats,
-    make_parser,
+    save_figure,
+    subplots,
     unique_instance,
 )
 from benchmarks.baselines.flock_segment import FlockSegment
@@ -229,23 +231,25 @@ def build_result(m: dict[str, Any], every: int) -> BenchResult:
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; see the module docstring."""
-    import sys
-
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This benchmark's flags."""
     parser.add_argument("--batch", type=int, default=64, help="running requests in decode")
     parser.add_argument("--calls", type=int, default=1_000_000, help="on_cycle calls per round")
     parser.add_argument("--samples", type=int, default=20_000, help="publish samples per kind")
     parser.add_argument("--every", type=int, default=DEFAULT_EVERY_N_CYCLES, help="cadence")
-    args = parser.parse_args(args_list)
-    if args.quick:
-        args.batch, args.calls, args.samples = 8, 20_000, 300
-    started = time.perf_counter()
-    measurements = measure(args.batch, args.calls, args.samples)
-    finish(build_result(measurements, args.every), args_list, started, args.json)
-    return 0
+
+
+QUICK: Final = dict(batch=8, calls=20_000, samples=300)
+
+
+def run(args: argparse.Namespace) -> BenchResult:
+    """Every part of a publishing and a non-publishing cycle."""
+    return build_result(measure(args.batch, args.calls, args.samples), args.every)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; see the module docstring."""
+    return bench_main(__doc__, argv, run, add_arguments, QUICK)
 
 
 # --- report hooks -----------------------------------------------------------------------------
@@ -253,14 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def summarize(result: dict[str, Any]) -> ReportSection:
     """BENCHMARKS.md section: tables from the JSON plus what limits the publisher."""
-    section = default_section(result)
-    section.title = "Publisher overhead in a scheduler cycle"
     m = result["data"]["measurements"]
     every = result["data"]["every_n_cycles"]
     every_cycle_share = (
         100 * (m["publish"]["p50"] * 1e3 + m["on_cycle_not_due_ns"]) / (m["modelled_step_s"] * 1e9)
     )
-    section.limits = (
+    limits = (
         f"A cycle that does not publish pays one counter check ({m['on_cycle_not_due_ns']:.0f} ns, "
         f"against {m['empty_call_ns']:.0f} ns for an empty Python call): that is the floor. A "
         f"publishing cycle costs {fmt_us(m['publish']['p50'])} µs, and "
@@ -272,7 +274,7 @@ def summarize(result: dict[str, Any]) -> ReportSection:
         "cycles, both are a few hundredths of a percent of a decode step; publishing every "
         f"cycle, for the freshest load, costs {every_cycle_share:.2f}% of a modelled step."
     )
-    return section
+    return default_section(result, "Publisher overhead in a scheduler cycle", limits)
 
 
 PLOT_CADENCES: Final[tuple[int, ...]] = (1, 15, 50)
@@ -280,11 +282,9 @@ PLOT_CADENCES: Final[tuple[int, ...]] = (1, 15, 50)
 
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """Cost of each part of a publish (bars, log) and its share of a step at N = 1, 15, 50."""
-    import matplotlib.pyplot as plt
-
     m = result["data"]["measurements"]
     idle_us = m["on_cycle_not_due_ns"] / 1e3
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11.5, 4.4), width_ratios=[1.15, 1])
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(11.5, 4.4), width_ratios=[1.15, 1])
     parts = [
         ("on_cycle, not due", idle_us, idle_us, "#7f7f7f"),
         ("ShmWriter.publish", m["writer"]["p50"], m["writer"]["p99"], "#1f77b4"),
@@ -339,11 +339,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     ax2.margins(y=0.15)
     ax2.legend(fontsize=8)
     fig.suptitle("What LoadPublisher adds to a scheduler cycle", fontsize=11)
-    fig.tight_layout()
-    path = out_dir / "publisher_overhead.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, out_dir, "publisher_overhead.png")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ Run: ``python -m benchmarks.bench_rank_kill`` (``--quick`` for the smoke size).
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Sequence
@@ -43,12 +44,12 @@ from typing import Any, Final
 
 from benchmarks._common import (
     BenchResult,
+    FlagError,
     Headline,
-    ReportSection,
     Table,
-    default_section,
-    finish,
-    make_parser,
+    bench_main,
+    save_figure,
+    subplots,
     unique_instance,
 )
 from benchmarks.bench_dispatch import SCHEDULER_ARGS
@@ -217,10 +218,8 @@ def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; see the module docstring."""
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This benchmark's flags."""
     parser.add_argument("--dp-size", type=int, default=4, help="schedulers")
     parser.add_argument("--kill-rank", type=int, default=1, help="the rank that gets SIGKILL")
     parser.add_argument("--rate-rps", type=float, default=60.0, help="Poisson arrival rate")
@@ -228,15 +227,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kill-at-s", type=float, default=1.0, help="seconds into the trace")
     parser.add_argument("--drain-s", type=float, default=2.0, help="wait after the last arrival")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(args_list)
-    if args.quick:
-        args.dp_size, args.kill_rank = 2, 1
-        args.rate_rps, args.duration_s, args.kill_at_s, args.drain_s = 25.0, 0.6, 0.2, 0.3
+
+
+QUICK: Final = dict(
+    dp_size=2, kill_rank=1, rate_rps=25.0, duration_s=0.6, kill_at_s=0.2, drain_s=0.3
+)
+
+
+def run(args: argparse.Namespace) -> BenchResult:
+    """Every design on the same trace with the same kill."""
     if not 0 <= args.kill_rank < args.dp_size or args.dp_size < 2:
-        parser.error(f"need dp_size >= 2 and 0 <= kill_rank < dp_size: {args.kill_rank}")
+        raise FlagError(f"need dp_size >= 2 and 0 <= kill_rank < dp_size: {args.kill_rank}")
     if not 0 < args.kill_at_s < args.duration_s:
-        parser.error("--kill-at-s must fall inside the trace")
-    started = time.perf_counter()
+        raise FlagError("--kill-at-s must fall inside the trace")
     result = BenchResult(
         "bench_rank_kill",
         "When a scheduler is killed mid-run, how fast does traffic leave it, and does any "
@@ -338,38 +341,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             "scheduler_args": list(SCHEDULER_ARGS),
         },
     }
-    finish(result, args_list, started, args.json)
-    return 0
+    return result
 
 
-def summarize(result: dict[str, Any]) -> ReportSection:
-    """BENCHMARKS.md section with the limits paragraph."""
-    section = default_section(result)
-    section.title = "Dispatch with a rank killed mid-run"
-    section.limits = (
-        "Ours stops choosing the killed rank before it is declared dead: its requests are never "
-        "acknowledged, so they stay in the dispatch ledger and the rank's budget only grows while "
-        "the live ranks' budgets drain; the few sent in that window are what 'sent after' counts. "
-        "The rank is declared dead at the first refresh after its last record is older than the "
-        "reader's dead-probe age (0.25 s) and its pid is gone, so 'dead seen' is 0.25 s minus the "
-        "time from its last publish to the kill, plus up to one 20 ms refresh. That probe age is "
-        "the floor (the reader checks a writer's pid only once its record is that old, to keep the"
-        " /proc read off the common path). At that point the controller reports everything the "
-        "rank held as failed, so no request is left without a result. Round robin and the "
-        "overwrite baseline have no dead state: round robin keeps sending 1/dp of the traffic, the"
-        " overwrite budget keeps the killed rank's last reported count (plus one per dispatch "
-        "until the next overwrite) and keeps choosing it whenever the live ranks report more, and "
-        "the requests sent there, and those it held, never get a result."
-    )
-    return section
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; see the module docstring."""
+    return bench_main(__doc__, argv, run, add_arguments, QUICK)
+
+
+TITLE: Final[str] = "Dispatch with a rank killed mid-run"
+LIMITS: Final[str] = (
+    "Ours stops choosing the killed rank before it is declared dead: its requests are never "
+    "acknowledged, so they stay in the dispatch ledger and the rank's budget only grows while "
+    "the live ranks' budgets drain; the few sent in that window are what 'sent after' counts. "
+    "The rank is declared dead at the first refresh after its last record is older than the "
+    "reader's dead-probe age (0.25 s) and its pid is gone, so 'dead seen' is 0.25 s minus the "
+    "time from its last publish to the kill, plus up to one 20 ms refresh. That probe age is "
+    "the floor (the reader checks a writer's pid only once its record is that old, to keep the"
+    " /proc read off the common path). At that point the controller reports everything the "
+    "rank held as failed, so no request is left without a result. Round robin and the "
+    "overwrite baseline have no dead state: round robin keeps sending 1/dp of the traffic, the"
+    " overwrite budget keeps the killed rank's last reported count (plus one per dispatch "
+    "until the next overwrite) and keeps choosing it whenever the live ranks report more, and "
+    "the requests sent there, and those it held, never get a result."
+)
 
 
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """Cumulative dispatches per rank over time around the kill, one panel per design."""
-    import matplotlib.pyplot as plt
-
     runs: dict[str, dict[str, Any]] = result["data"]["runs"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.6), sharey=True)
+    fig, axes = subplots(1, len(runs), figsize=(4.2 * len(runs), 3.6), sharey=True)
     axes_list = list(axes) if len(runs) > 1 else [axes]
     for ax, (design, run) in zip(axes_list, runs.items(), strict=True):
         bin_s = float(run["timeline_bin_s"])
@@ -400,11 +401,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.grid(True, alpha=0.3)
     axes_list[0].set_ylabel("dispatches so far, per rank")
     axes_list[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "rank_kill.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, out_dir, "rank_kill.png")
 
 
 if __name__ == "__main__":

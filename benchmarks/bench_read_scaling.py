@@ -27,6 +27,7 @@ process. Run: ``python -m benchmarks.bench_read_scaling``.
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,14 +40,15 @@ from benchmarks._common import (
     Headline,
     ReportSection,
     Table,
+    bench_main,
     default_section,
-    finish,
     fmt_ratio,
     fmt_us,
     latency_stats,
-    make_parser,
     make_snapshot,
     ratio,
+    save_figure,
+    subplots,
     unique_instance,
 )
 from benchmarks.baselines.flock_segment import (
@@ -252,34 +254,38 @@ def _target_text(key: str, dp: int) -> str:
     return ""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; see the module docstring."""
-    import sys
-
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This benchmark's flags."""
     parser.add_argument("--dp", default="8,64,256,1024", help="comma-separated dp sizes")
     parser.add_argument("--repeats", type=int, default=40, help="timed calls per design")
-    args = parser.parse_args(args_list)
+
+
+QUICK: Final = dict(dp="4,16", repeats=5)
+
+
+def run(args: argparse.Namespace) -> BenchResult:
+    """Every design at every dp size."""
     sizes = [int(x) for x in args.dp.split(",") if x.strip()]
-    if args.quick:
-        sizes, args.repeats = [4, 16], 5
-    started = time.perf_counter()
     config: dict[str, Any] = {"dp_sizes": sizes, "repeats": args.repeats}
     by_dp = {dp: measure_dp(dp, args.repeats) for dp in sizes}
-    finish(build_result(by_dp, config), args_list, started, args.json)
-    return 0
+    return build_result(by_dp, config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; see the module docstring."""
+    return bench_main(__doc__, argv, run, add_arguments, QUICK)
 
 
 # --- report hooks -----------------------------------------------------------------------------
 
 
+TITLE: Final[str] = "Read scaling"
+
+
 def summarize(result: dict[str, Any]) -> ReportSection:
     """BENCHMARKS.md section with the limits paragraph."""
-    section = default_section(result)
-    section.title = "Read scaling"
     payloads = result["data"].get("payload_bytes", {"ours": 0, "flock": 0})
-    section.limits = (
+    limits = (
         "What a call costs depends on how many ranks moved since the reader last looked. "
         "Nothing moved: one copy of the control table (64 B a rank, contiguous) compared with "
         "the previous one, then the cached reads, whose ages are measured when asked: the floor "
@@ -304,13 +310,11 @@ def summarize(result: dict[str, Any]) -> ReportSection:
         "shrink the payload about 4x and the decode about 10%, but LoadSnapshot's JSON schema "
         "and exposition (issue 15) read it as a map, so it was left for a coordinated change."
     )
-    return section
+    return default_section(result, TITLE, limits)
 
 
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """Cost of reading every rank against dp_size, log-log, one line per design."""
-    import matplotlib.pyplot as plt
-
     by_dp = result["data"]["by_dp"]
     sizes = sorted(int(dp) for dp in by_dp)
     styles = {
@@ -322,7 +326,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
         "hot_none": ("#9467bd", "D:"),
         "flock": ("#d62728", "x--"),
     }
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = subplots(figsize=(7.5, 4.5))
     for key, label in DESIGNS:
         if key not in by_dp[str(sizes[0])]:
             continue  # a result from before this design existed
@@ -338,11 +342,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_title("Cost of reading every rank")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "read_scaling.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, out_dir, "read_scaling.png")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ Run: ``python -m benchmarks.bench_zmq``. CURVE rows need libzmq with CURVE (libs
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -39,16 +40,15 @@ import zmq
 from benchmarks._common import (
     BenchResult,
     Headline,
-    ReportSection,
     Table,
-    default_section,
-    finish,
+    bench_main,
     fmt_ratio,
     fmt_us,
     latency_stats,
-    make_parser,
     make_snapshot,
     ratio,
+    save_figure,
+    subplots,
     unique_instance,
 )
 from loadsnap import ShmReader, unlink_segment
@@ -363,19 +363,20 @@ def build_result(
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; see the module docstring."""
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This benchmark's flags."""
     parser.add_argument("--writers", type=int, default=2, help="flooding writer processes")
     parser.add_argument("--seconds", type=float, default=3.0, help="ingest window per design")
     parser.add_argument("--samples", type=int, default=2000, help="age samples per channel")
     parser.add_argument("--period-ms", type=float, default=2.0, help="paced writer period")
     parser.add_argument("--no-curve", action="store_true", help="skip the CURVE rows")
-    args = parser.parse_args(args_list)
-    if args.quick:
-        args.seconds, args.samples, args.period_ms = 0.2, 20, 1.0
-    started = time.perf_counter()
+
+
+QUICK: Final = dict(seconds=0.2, samples=20, period_ms=1.0)
+
+
+def run(args: argparse.Namespace) -> BenchResult:
+    """Ingest rate and age on the open channel, then on the CURVE one where libzmq has it."""
     use_curve = not args.no_curve and curve_available()
     config: dict[str, Any] = {
         "writers": args.writers,
@@ -400,37 +401,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                     design, curve_dir, args.writers, args.seconds
                 )
             age[channel] = measure_age(curve_dir, args.samples, args.period_ms)
-    finish(build_result(ingest, age, config), args_list, started, args.json)
-    return 0
+    return build_result(ingest, age, config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; see the module docstring."""
+    return bench_main(__doc__, argv, run, add_arguments, QUICK)
 
 
 # --- report hooks -----------------------------------------------------------------------------
 
 
-def summarize(result: dict[str, Any]) -> ReportSection:
-    """BENCHMARKS.md section: tables plus what limits the multi-node path."""
-    section = default_section(result)
-    section.title = "Multi-node (ZMQ collector)"
-    section.limits = (
-        "Ingest is bound by the collector's single Python thread: per frame a typed msgspec "
-        "decode with validation, the rank/epoch/seq checks, and a seqlock write into the "
-        "segment; the bare PULL row is the ceiling of that thread with none of the work. CURVE "
-        "adds encryption in libzmq's I/O thread, off the Python thread. Telemetry needs a few "
-        "hundred snapshots/s per node, so both are orders of magnitude above need. The age is "
-        "dominated by cross-process wakeups (writer -> libzmq I/O threads -> collector thread -> "
-        "the polling reader) on a 2-core machine, not by the work per message."
-    )
-    return section
+TITLE: Final[str] = "Multi-node (ZMQ collector)"
+LIMITS: Final[str] = (
+    "Ingest is bound by the collector's single Python thread: per frame a typed msgspec "
+    "decode with validation, the rank/epoch/seq checks, and a seqlock write into the "
+    "segment; the bare PULL row is the ceiling of that thread with none of the work. CURVE "
+    "adds encryption in libzmq's I/O thread, off the Python thread. Telemetry needs a few "
+    "hundred snapshots/s per node, so both are orders of magnitude above need. The age is "
+    "dominated by cross-process wakeups (writer -> libzmq I/O threads -> collector thread -> "
+    "the polling reader) on a 2-core machine, not by the work per message."
+)
 
 
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """Ingest rate per channel (bars) and publish-to-readable age percentiles (bars, log)."""
-    import matplotlib.pyplot as plt
-
     data = result["data"]
     ingest, age, config = data["ingest"], data["age"], data["config"]
     channels = [(key, label) for key, label in (("open", "open"), ("curve", "CURVE")) if key in age]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(11, 4.2))
     width = 0.38
     positions = list(range(len(channels)))
     for i, (design, label, color) in enumerate(
@@ -486,11 +485,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     ax2.set_title(f"Publish → readable in the segment (writer every {config['period_ms']:g} ms)")
     ax2.legend(fontsize=8, loc="center left")
     fig.suptitle("Multi-node path: ZMQ collector over tcp://127.0.0.1", fontsize=11)
-    fig.tight_layout()
-    path = out_dir / "zmq.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, out_dir, "zmq.png")
 
 
 if __name__ == "__main__":

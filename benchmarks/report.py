@@ -7,8 +7,8 @@
    benchmarks/results/bench_<name>.json`` in its own process (``--quick`` instead of
    ``REPORT_ARGS`` with ``--quick``);
 3. renders each module's charts (its ``plot`` hook) into ``benchmarks/charts/`` and its
-   section (its ``summarize`` hook, or the tables of its JSON) into ``BENCHMARKS.md``, headline
-   ratios first.
+   section (its ``summarize`` hook, or the tables of its JSON under its ``TITLE`` with its
+   ``LIMITS`` paragraph) into ``BENCHMARKS.md``, headline ratios first.
 
 ``--no-run`` re-renders from the JSON already in ``benchmarks/results/``; ``--only NAME`` limits
 the run to some benchmarks (the others' existing JSON is still rendered). The module
@@ -108,13 +108,19 @@ def load_result(name: str, results_dir: Path) -> dict[str, Any] | None:
 def build_section(
     name: str, result: dict[str, Any], charts_dir: Path, base: Path = ROOT
 ) -> ReportSection:
-    """Call the module's hooks (``summarize``, ``plot``); fall back to the JSON's tables.
+    """Call the module's hooks (``summarize``, ``plot``); fall back to the JSON's tables under
+    the module's ``TITLE`` and ``LIMITS``.
 
     Chart paths are made relative to ``base`` (the directory of the markdown file).
     """
     module = _module(name)
     summarize = getattr(module, "summarize", None)
-    section = summarize(result) if summarize is not None else default_section(result)
+    section: ReportSection
+    if summarize is not None:
+        section = summarize(result)
+    else:
+        title = getattr(module, "TITLE", None)
+        section = default_section(result, title, getattr(module, "LIMITS", ""))
     plot = getattr(module, "plot", None)
     if plot is not None:
         charts_dir.mkdir(parents=True, exist_ok=True)

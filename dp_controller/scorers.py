@@ -15,7 +15,7 @@ Each rule is written once per form, side by side in its scorer:
 
 Both forms do the same arithmetic in the same order, so they compute the same doubles and pick
 the same rank when ``order`` is the rotation of the candidates that :func:`rotating_argmin`
-starts at (``tests/test_scorers.py`` checks it for every scorer). The request is ``est`` (its
+starts at (``tests/unit/test_scorers.py`` checks it for every scorer). The request is ``est`` (its
 estimated tokens), ``cls`` (its output-length class) and ``a`` (``LENGTH_AWARE``'s weight of
 prompt work for it, ``p / pbar**2``); a rule reads only what it needs.
 

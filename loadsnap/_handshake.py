@@ -1,7 +1,7 @@
 """ZMTP handshake failures as libzmq's socket monitor reports them, and rate-limited warnings.
 
 Shared by the writer and the collector. What libzmq 4.3 reports (measured over tcp://127.0.0.1,
-see ``tests/test_handshake.py``):
+see ``tests/process/test_handshake.py``):
 
 ===============================  ===============================  ===============================
 situation                        collector (PULL, CURVE server)   writer (PUSH)

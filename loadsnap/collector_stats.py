@@ -9,7 +9,7 @@ stored with one aligned 8-byte store and read with one 8-byte load, so a reader 
 torn counter (it may see one counter from a newer copy than another; nothing relates them).
 
 All integers are little-endian. Every ``*_OFFSET`` is derived from the previous offset plus the
-previous size; ``tests/test_collector_stats.py`` checks this diagram against the constants::
+previous size; ``tests/process/test_collector_stats.py`` checks this diagram against the constants::
 
      0 +-----------------------------------------------------------------------+
        | magic "LSCSTATS" u64 (written last: the file is ready once it is set) |
@@ -26,7 +26,7 @@ previous size; ``tests/test_collector_stats.py`` checks this diagram against the
        +-----------------------------------------------------------------------+
 
 Evolution: counters are append-only (new :class:`CollectorStats` fields go last, none is ever
-removed or reordered; ``tests/test_collector_stats.py`` pins the order). A reader takes the
+removed or reordered; ``tests/process/test_collector_stats.py`` pins the order). A reader takes the
 first ``min(counter_count, known)`` counters; a counter the file lacks reads as 0.
 ``layout_version`` changes only for an incompatible layout, which readers refuse.
 

@@ -1,7 +1,7 @@
 """The shared-memory segment's byte layout: the one module that owns every offset.
 
 All integers are little-endian. Every ``*_OFFSET`` is derived from the previous offset plus the
-previous size; ``tests/test_layout.py`` checks this diagram against the structs.
+previous size; ``tests/unit/test_layout.py`` checks this diagram against the structs.
 
 Segment::
 
@@ -191,7 +191,7 @@ COPY_RESERVED_OFFSET: Final[int] = 0
 COPY_PAYLOAD_LEN_OFFSET: Final[int] = COPY_RESERVED_OFFSET + 4
 COPY_HOT_OFFSET: Final[int] = COPY_PAYLOAD_LEN_OFFSET + 4
 # (field name, struct code), in record order: the writer's stamps first, then the scheduler's
-# numbers. Every name is a LoadSnapshot field of that type (tests/test_layout.py checks).
+# numbers. Every name is a LoadSnapshot field of that type (tests/unit/test_layout.py checks).
 HOT_FIELDS: Final[tuple[tuple[str, str], ...]] = (
     ("seq", "Q"),
     ("epoch", "Q"),
