@@ -2,10 +2,12 @@
 
 Transport layer, used by :class:`~loadsnap.ShmReader` only. The parts of a table that change
 only when a rank changes (the columns, ``valid``, the statuses of ranks that cannot have aged
-yet) are built once per cache generation, as read-only arrays that successive tables share;
-each table then costs one array for the ages, and the statuses again only once some rank may
-have aged past FRESH. Small deployments build the parts in plain Python and hand numpy one
-buffer per array; larger ones build them with numpy operations.
+yet) are kept as read-only arrays that successive tables share until a rank changes; each
+table then costs one array for the ages, and the statuses again only once some rank may have
+aged past FRESH. A small deployment keeps one 96-byte entry per rank in a ``bytearray``,
+rewrites the entries of the ranks that changed in plain Python, and hands numpy one buffer
+(one structured array, a view per column); a larger one rebuilds its parts with numpy
+operations over every rank.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -22,19 +24,41 @@ from loadsnap._readcache import RankCache
 from loadsnap.layout import HOT_DTYPE, HOT_FIELDS, HOT_RECORD_SIZE
 from loadsnap.reading import HotTable, SlotStatus
 
-__all__ = ["FOREVER_NS", "TableParts", "aged_status", "build_parts", "hot_table", "table_age"]
+__all__ = [
+    "FOREVER_NS",
+    "LargeTable",
+    "SmallTable",
+    "TableParts",
+    "TableSource",
+    "aged_status",
+    "hot_table",
+    "table_age",
+]
 
 FOREVER_NS: Final[int] = 2**62
 _NAMES: Final[tuple[str, ...]] = tuple(name for name, _ in HOT_FIELDS)
-_PUBLISH: Final = struct.Struct("<Q")
-_PUBLISH_OFFSET: Final[int] = HOT_DTYPE.fields["publish_mono_ns"][1]  # type: ignore[index]
 _ZERO_HOT: Final[bytes] = bytes(HOT_RECORD_SIZE)
+# A small deployment's entry per rank: the hot record, then what the table derives from it.
+_TAIL_NAMES: Final[tuple[str, ...]] = ("neg_publish_s", "status", "valid", "live")
+_TAIL: Final = struct.Struct("<dB??")
+_ENTRY_SIZE: Final[int] = 96
+_HOT_SPECS: Final = HOT_DTYPE.fields
+assert _HOT_SPECS is not None
+_ENTRY: Final[np.dtype[np.void]] = np.dtype(
+    {
+        "names": [*_NAMES, *_TAIL_NAMES],
+        "formats": [_HOT_SPECS[name][0] for name in _NAMES] + ["<f8", "u1", "?", "?"],
+        "offsets": [_HOT_SPECS[name][1] for name in _NAMES]
+        + [HOT_RECORD_SIZE, HOT_RECORD_SIZE + 8, HOT_RECORD_SIZE + 9, HOT_RECORD_SIZE + 10],
+        "itemsize": _ENTRY_SIZE,
+    }
+)
+assert _TAIL.size <= _ENTRY_SIZE - HOT_RECORD_SIZE
 
 
 class TableParts(NamedTuple):
     """What successive hot tables share while no rank changes (read-only arrays)."""
 
-    generation: int
     columns: dict[str, npt.NDArray[np.generic]]
     valid: npt.NDArray[np.bool_]
     neg_publish_s: npt.NDArray[np.float64]  # minus the publish time, in s; NaN if not valid
@@ -44,57 +68,98 @@ class TableParts(NamedTuple):
     latest_publish_ns: int  # ages need clamping at 0 before then (a relayed clock ahead)
 
 
+class TableSource(Protocol):
+    """Keeps a reader's table parts up to date with its ``RankCache``."""
+
+    def parts(self, cache: RankCache) -> TableParts:
+        """The current parts (rebuilt from the ranks in ``cache.table_touched``)."""
+        ...
+
+
 def _frozen(array: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
     array.flags.writeable = False
     return array
 
 
-def build_parts(cache: RankCache, fresh_ns: int) -> TableParts:
-    """The shared parts of ``cache``'s hot tables; live ranks stay FRESH for ``fresh_ns``."""
-    if cache.small:
-        return _build_small(cache, fresh_ns)
-    return _build_large(cache, fresh_ns)
+class SmallTable:
+    """Table parts kept rank by rank in plain Python. Not thread-safe.
+
+    Parameters
+    ----------
+    dp_size:
+        Number of ranks.
+    fresh_ns:
+        How long after its publish a live rank cannot be anything but FRESH.
+    """
+
+    def __init__(self, dp_size: int, fresh_ns: int) -> None:
+        self._fresh_ns = fresh_ns
+        self._entries = bytearray(dp_size * _ENTRY_SIZE)
+        self._fresh_until = [FOREVER_NS] * dp_size
+        self._published = [0] * dp_size
+        self._parts: TableParts | None = None
+
+    def parts(self, cache: RankCache) -> TableParts:
+        """The current parts: the entries of the ranks that changed are rewritten first."""
+        touched = cache.table_touched
+        parts = self._parts
+        if parts is not None and not touched:
+            return parts
+        entries, fresh_until, published = self._entries, self._fresh_until, self._published
+        pids, torn, invalid, fresh_ns = cache.pids(), cache.torn, cache.invalid, self._fresh_ns
+        pack_tail = _TAIL.pack_into
+        for rank in touched:
+            at = rank * _ENTRY_SIZE
+            seq, _, publish_ns = cache.hot_head(rank)
+            fresh_until[rank], published[rank] = FOREVER_NS, 0
+            if not seq or rank in invalid:
+                if not seq:
+                    status = SlotStatus.TORN if rank in torn else SlotStatus.NEVER_PUBLISHED
+                else:
+                    status = SlotStatus.INVALID
+                entries[at : at + HOT_RECORD_SIZE] = _ZERO_HOT
+                pack_tail(entries, at + HOT_RECORD_SIZE, math.nan, status, False, False)
+                continue
+            entries[at : at + HOT_RECORD_SIZE] = cache.hot_record(rank)
+            live = pids[rank] != 0
+            status = SlotStatus.FRESH if live else SlotStatus.DEAD
+            pack_tail(entries, at + HOT_RECORD_SIZE, publish_ns * -1e-9, status, True, live)
+            published[rank] = publish_ns
+            if live:
+                fresh_until[rank] = publish_ns + fresh_ns
+        touched.clear()
+        rows = np.frombuffer(bytes(entries), _ENTRY)  # over bytes: read-only
+        self._parts = parts = TableParts(
+            {name: rows[name] for name in _NAMES},
+            rows["valid"],
+            rows["neg_publish_s"],
+            rows["live"],
+            rows["status"],
+            min(fresh_until),
+            max(published),
+        )
+        return parts
 
 
-def _build_small(cache: RankCache, fresh_ns: int) -> TableParts:
-    dp = cache.dp_size
-    hot = bytearray(cache.hot_bytes())
-    accepted, pids, torn, invalid = cache.accepted(), cache.pids(), cache.torn, cache.invalid
-    status = bytearray(dp)  # SlotStatus.FRESH is 0
-    valid = bytearray(dp)
-    live = bytearray(dp)
-    neg_publish_s = [math.nan] * dp
-    fresh_until, latest = FOREVER_NS, 0
-    unpack = _PUBLISH.unpack_from
-    for rank in range(dp):
-        if not accepted[rank]:
-            status[rank] = SlotStatus.TORN if rank in torn else SlotStatus.NEVER_PUBLISHED
-            continue
-        at = rank * HOT_RECORD_SIZE
-        if rank in invalid:
-            status[rank] = SlotStatus.INVALID
-            hot[at : at + HOT_RECORD_SIZE] = _ZERO_HOT
-            continue
-        valid[rank] = 1
-        publish_ns = unpack(hot, at + _PUBLISH_OFFSET)[0]
-        neg_publish_s[rank] = publish_ns * -1e-9
-        latest = max(latest, publish_ns)
-        if pids[rank] == 0:
-            status[rank] = SlotStatus.DEAD
-        else:
-            live[rank] = 1
-            fresh_until = min(fresh_until, publish_ns + fresh_ns)
-    rows = np.frombuffer(bytes(hot), HOT_DTYPE)  # over bytes: read-only
-    return TableParts(
-        cache.generation,
-        {name: rows[name] for name in _NAMES},
-        np.frombuffer(bytes(valid), np.bool_),
-        _frozen(np.array(neg_publish_s)),  # type: ignore[arg-type]
-        np.frombuffer(bytes(live), np.bool_),
-        np.frombuffer(bytes(status), np.uint8),
-        fresh_until,
-        latest,
-    )
+class LargeTable:
+    """Table parts rebuilt with numpy over every rank whenever any changed. Not thread-safe.
+
+    Parameters
+    ----------
+    fresh_ns:
+        How long after its publish a live rank cannot be anything but FRESH.
+    """
+
+    def __init__(self, fresh_ns: int) -> None:
+        self._fresh_ns = fresh_ns
+        self._parts: TableParts | None = None
+
+    def parts(self, cache: RankCache) -> TableParts:
+        """The current parts, rebuilt if any rank changed."""
+        if self._parts is None or cache.table_touched:
+            cache.table_touched.clear()
+            self._parts = _build_large(cache, self._fresh_ns)
+        return self._parts
 
 
 def _build_large(cache: RankCache, fresh_ns: int) -> TableParts:
@@ -119,7 +184,6 @@ def _build_large(cache: RankCache, fresh_ns: int) -> TableParts:
     latest = int(publish_ns.max())
     _frozen(rows)
     return TableParts(
-        cache.generation,
         {name: rows[name] for name in _NAMES},
         _frozen(valid),  # type: ignore[arg-type]
         _frozen(neg_publish_s),  # type: ignore[arg-type]

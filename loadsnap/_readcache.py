@@ -84,9 +84,9 @@ class RankCache:
         Per rank, the decoded snapshot and the sequence it was decoded (or refused) at.
     generation:
         Bumped whenever anything above changes.
-    touched:
+    touched, table_touched:
         Ranks whose accepted record, refusal or control words changed since the reader last
-        rebuilt their reads (the reader discards them as it does).
+        rebuilt their reads, and their hot-table entries (each consumer empties its own set).
     """
 
     def __init__(
@@ -130,6 +130,7 @@ class RankCache:
         self.decoded = [0] * dp
         self.generation = 0
         self.touched: set[int] = set()
+        self.table_touched: set[int] = set(range(dp))
         self._decode = msgspec.msgpack.Decoder(LoadSnapshot).decode
 
     def release(self) -> None:
@@ -184,9 +185,10 @@ class RankCache:
         every: list[tuple[int, int, int]] = list(_HOT_HEADS.iter_unpack(buf))
         return every if len(ranks) == self.dp_size else [every[rank] for rank in ranks]
 
-    def hot_bytes(self) -> bytes:
-        """A copy of every accepted hot record."""
-        return bytes(self._hot_buf)
+    def hot_record(self, rank: int) -> bytes | bytearray:
+        """A copy of ``rank``'s accepted hot record (zeros: none)."""
+        at = rank * HOT_RECORD_SIZE
+        return self._hot_buf[at : at + HOT_RECORD_SIZE]
 
     def hot_words(self) -> npt.NDArray[np.uint64]:
         """A copy of every accepted hot record, as ``(dp_size, HOT_FIELD_COUNT)`` words."""
@@ -220,6 +222,7 @@ class RankCache:
         if changed:
             self.generation += 1
             self.touched.update(changed)
+            self.table_touched.update(changed)
         return changed, payloads
 
     def _sync_small(self, ctl: bytes, keep: bool) -> tuple[list[int], Payloads]:
@@ -229,7 +232,10 @@ class RankCache:
         accepted, torn = self.accepted(), self.torn
         old_pids, old_epochs = self.pids(), self.epochs()
         self.ctl, self._pids, self._epochs = ctl, pids, epochs
-        moved = [r for r in range(self.dp_size) if seqs[r] != accepted[r] or r in torn]
+        pairs = enumerate(zip(seqs, accepted, strict=True))
+        moved = [r for r, (seq, known) in pairs if seq != known]
+        if torn:
+            moved = sorted(torn.union(moved))
         payloads = self.fetch(moved, keep)
         if pids != old_pids or epochs != old_epochs:
             moved_set = set(moved)
@@ -243,6 +249,7 @@ class RankCache:
         if changed:
             self.generation += 1
             self.touched.update(changed)
+            self.table_touched.update(changed)
         return changed, payloads
 
     def fetch(self, ranks: Sequence[int] | npt.NDArray[np.intp], keep: bool) -> Payloads:
@@ -254,6 +261,7 @@ class RankCache:
         self.generation += 1
         listed: list[int] = ranks.tolist() if isinstance(ranks, np.ndarray) else list(ranks)
         self.touched.update(listed)
+        self.table_touched.update(listed)
         if self.invalid:
             for rank in listed:
                 self.invalid.pop(rank, None)
@@ -369,3 +377,4 @@ class RankCache:
         self.decoded[rank] = seq
         self.generation += 1
         self.touched.add(rank)
+        self.table_touched.add(rank)

@@ -26,7 +26,14 @@ import os
 import time
 from typing import Final
 
-from loadsnap._hottable import TableParts, aged_status, build_parts, hot_table, table_age
+from loadsnap._hottable import (
+    LargeTable,
+    SmallTable,
+    TableSource,
+    aged_status,
+    hot_table,
+    table_age,
+)
 from loadsnap._location import SegmentLocation
 from loadsnap._readcache import GATHER_MIN_RANKS, SMALL_MAX_RANKS, Payloads, RankCache
 from loadsnap._segment import MappedSegment, open_readonly
@@ -170,7 +177,9 @@ class ShmReader:
         self._reads: list[SlotRead | None] = [None] * dp
         self._until = [0] * dp  # until then the cached read stands (0: rebuild)
         self._all_until = 0
-        self._table: TableParts | None = None
+        self._table: TableSource = (
+            SmallTable(dp, self._fresh_ns) if self._cache.small else LargeTable(self._fresh_ns)
+        )
 
     def _detach(self) -> None:
         segment, self._segment = self._segment, None
@@ -410,9 +419,7 @@ class ShmReader:
         if ctl != cache.ctl or cache.torn:
             cache.sync(ctl, keep=False)
         now = time.monotonic_ns()
-        parts = self._table
-        if parts is None or parts.generation != cache.generation:
-            parts = self._table = build_parts(cache, self._fresh_ns)
+        parts = self._table.parts(cache)
         age = table_age(parts, now)
         status = parts.status
         if now >= parts.fresh_until_ns:
