@@ -38,7 +38,7 @@ import enum
 import mmap
 import struct
 from collections.abc import Callable, Generator, Sequence
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -88,6 +88,14 @@ _HEAD_PACK: Final = HEAD_STRUCT.pack_into
 _CRC_PACK: Final = CRC_STRUCT.pack
 
 Buffer = bytes | bytearray | memoryview
+
+
+class Words(Protocol):
+    """The sequence words as the batch reader loads them (a ``memoryview.cast("Q")``)."""
+
+    def __getitem__(self, index: int, /) -> int: ...
+
+
 # What the batch readers copy records out of (slices of an mmap are bytes).
 Source = Buffer | mmap.mmap
 SeqStore = Callable[[memoryview, int, int], Generator[None, None, None]]
@@ -255,7 +263,7 @@ class BatchRead(NamedTuple):
 
 def read_records(
     buf: Source,
-    words: memoryview,
+    words: Words,
     seq_indexes: Sequence[int],
     copies: Sequence[tuple[int, int]],
     capacity: int,
