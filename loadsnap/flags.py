@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from loadsnap import settings
 from loadsnap._location import check_shm_dir
+from loadsnap._optional import GRPC_HINT, missing_grpc
 from loadsnap.errors import UsageError
 from loadsnap.layout import MAX_DP_SIZE
 from loadsnap.reading import DEFAULT_STALE_AFTER_S
@@ -27,6 +28,7 @@ __all__ = [
     "OneLineParser",
     "add_dp_size",
     "add_duration",
+    "add_grpc_port",
     "add_host_port",
     "add_instance",
     "add_json",
@@ -36,6 +38,7 @@ __all__ = [
     "add_stale_after",
     "add_transport",
     "count",
+    "grpc_port_number",
     "instance_name",
     "non_negative_number",
     "port_number",
@@ -84,6 +87,15 @@ ratio = _checked(float, lambda v: 0.0 <= v <= 1.0, "a ratio in 0..1")
 positive_count = _checked(int, lambda v: v >= 1, "an integer >= 1")
 count = _checked(int, lambda v: v >= 0, "an integer >= 0")
 port_number = _checked(int, lambda v: 0 <= v <= 65535, "a port in 0..65535")
+
+
+def grpc_port_number(text: str) -> int:
+    """argparse ``type`` for ``--grpc-port``: a port, and the gRPC extra installed."""
+    port: int = port_number(text)
+    missing = missing_grpc()
+    if missing is not None:
+        raise argparse.ArgumentTypeError(f"{GRPC_HINT} ({missing} is not installed)")
+    return port
 
 
 def instance_name(text: str) -> str:
@@ -200,6 +212,14 @@ def add_host_port(parser: argparse.ArgumentParser | Any, *, port: int, port_help
     """``--host ADDRESS`` (default loopback) and ``--port N`` (0..65535)."""
     parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=port_number, default=port, help=port_help)
+
+
+def add_grpc_port(parser: argparse.ArgumentParser | Any, *, help: str) -> None:
+    """``--grpc-port N``: also serve loadsnap's gRPC servicers there (needs ``loadsnap[grpc]``,
+    checked at parse time); default: no gRPC."""
+    parser.add_argument(
+        "--grpc-port", type=grpc_port_number, default=None, metavar="PORT", help=help
+    )
 
 
 def add_transport(parser: argparse.ArgumentParser | Any, *, help: str) -> None:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import anyio.to_thread
 import msgspec
@@ -27,19 +27,21 @@ from loadsnap.errors import LoadsnapError, UsageError
 from loadsnap.exposition import (
     CONTENT_TYPE_OPENMETRICS,
     CONTENT_TYPE_TEXT,
-    USABLE_STATUSES,
-    render_json,
+    ROUTABLE_STATUSES,
+    LegacyLoad,
+    LoadsDocument,
+    build_document,
+    legacy_loads,
     render_prometheus,
 )
 from loadsnap.reading import (
     HotTable,
-    SegmentState,
     SlotRead,
     SlotStatus,
     SnapshotSource,
     unavailable_state,
 )
-from loadsnap.schema import SECTIONS, LoadSnapshot, parse_include
+from loadsnap.schema import SECTIONS, parse_include
 
 __all__ = ["FORMATS", "LoadsQuery", "LockedSource", "loads_router", "parse_loads_query"]
 
@@ -114,7 +116,7 @@ def parse_loads_query(
     format: str | None,
     accept: str = "",
     *,
-    default_include: str = "core",
+    default_include: str = "all",
 ) -> LoadsQuery:
     """Validate the raw query strings of ``/v1/loads``.
 
@@ -152,8 +154,8 @@ def _error(status: int, message: str, **extra: Any) -> Response:
 
 
 def _unavailable(reads: list[SlotRead]) -> Response | None:
-    # 503 when no rank can be acted on, saying why.
-    if any(read.status in USABLE_STATUSES for read in reads):
+    # 503 when no rank is routable (nothing a router may act on), saying why.
+    if any(read.status in ROUTABLE_STATUSES for read in reads):
         return None
     dead = sum(1 for read in reads if read.status is SlotStatus.DEAD)
     if dead == len(reads):
@@ -163,10 +165,39 @@ def _unavailable(reads: list[SlotRead]) -> Response | None:
         for status in SlotStatus
         if (n := sum(1 for read in reads if read.status is status))
     )
-    return _error(503, f"no rank has a usable snapshot: {counts}", reason="no_data")
+    return _error(503, f"no rank has a current load: {counts}", reason="no_data")
 
 
 # --- the OpenAPI description of /v1/loads (what schemathesis checks the live answers against) ---
+
+
+class QueryErrorBody(msgspec.Struct, kw_only=True):
+    """The 400 body: what was wrong and what is valid."""
+
+    detail: Annotated[str, msgspec.Meta(min_length=1)]
+    valid_sections: list[str] | msgspec.UnsetType = msgspec.UNSET
+    valid_formats: list[str] | msgspec.UnsetType = msgspec.UNSET
+
+
+UnavailableReason = Literal[
+    "missing",
+    "not_ready",
+    "incompatible",
+    "dead",
+    "no_data",
+    "fresh",
+    "stale",
+    "never_published",
+    "torn",
+    "invalid",
+]
+
+
+class UnavailableBody(msgspec.Struct, kw_only=True):
+    """The 503 body: nothing routable to report, and why."""
+
+    detail: Annotated[str, msgspec.Meta(min_length=1)]
+    reason: UnavailableReason
 
 
 def _inline_refs(node: Any, defs: Mapping[str, Any]) -> Any:
@@ -179,6 +210,13 @@ def _inline_refs(node: Any, defs: Mapping[str, Any]) -> Any:
     if isinstance(node, list):
         return [_inline_refs(item, defs) for item in node]
     return node
+
+
+def _struct_schema(kind: Any) -> dict[str, Any]:
+    """The JSON schema of a msgspec type, self-contained (``$ref``s inlined)."""
+    (schema,), components = msgspec.json.schema_components([kind], ref_template="#/$defs/{name}")
+    inlined: dict[str, Any] = _inline_refs(schema, components)
+    return inlined
 
 
 def _any_case(names: tuple[str, ...]) -> str:
@@ -197,7 +235,7 @@ _INCLUDE_PATTERN: Final[str] = (
 )
 
 
-def _openapi_parameters() -> list[dict[str, Any]]:
+def _openapi_parameters(default_include: str) -> list[dict[str, Any]]:
     # Parsed by hand (parse_loads_query) so bad input gets our 400 message, not FastAPI's 422.
     return [
         {
@@ -212,8 +250,9 @@ def _openapi_parameters() -> list[dict[str, Any]]:
             "name": "include",
             "in": "query",
             "required": False,
-            "description": f"Comma-separated sections: {', '.join(SECTIONS)}.",
-            "schema": {"type": "string", "default": "core", "pattern": _INCLUDE_PATTERN},
+            "description": f"Comma-separated sections: {', '.join(SECTIONS)}. The core keys "
+            "are always present.",
+            "schema": {"type": "string", "default": default_include, "pattern": _INCLUDE_PATTERN},
             "example": "core,memory",
         },
         {
@@ -230,106 +269,50 @@ def _openapi_parameters() -> list[dict[str, Any]]:
     ]
 
 
+_NO_STORE: Final[dict[str, Any]] = {
+    "Cache-Control": {"schema": {"type": "string", "const": "no-store"}}
+}
+_RETRY: Final[dict[str, Any]] = {
+    "Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 0}}
+}
+
+
+def _unavailable_response() -> dict[str, Any]:
+    return {
+        "description": "Nothing routable to report; reason says why",
+        "headers": {**_NO_STORE, **_RETRY},
+        "content": {"application/json": {"schema": _struct_schema(UnavailableBody)}},
+    }
+
+
 def _openapi_responses() -> dict[int | str, dict[str, Any]]:
-    snapshot = msgspec.json.schema(LoadSnapshot)
-    defs = snapshot["$defs"]
-    labels = [status.label for status in SlotStatus]
-    load = {
-        "type": "object",
-        "required": ["dp_rank", "age_seconds", "status", "reason"],
-        "properties": {
-            **_inline_refs(defs["LoadSnapshot"]["properties"], defs),
-            "num_total_reqs": {"type": "integer", "minimum": 0},
-            "age_seconds": {"type": "number"},
-            "status": {"type": "string", "enum": labels},
-            "reason": {"type": "string"},
-        },
-    }
-    unavailable = {
-        "type": "object",
-        "required": ["dp_rank", "status", "reason"],
-        "properties": {
-            "dp_rank": {"type": "integer", "minimum": 0},
-            "status": {"type": "string", "enum": labels},
-            "reason": {"type": "string"},
-        },
-    }
-    count = {"type": "integer", "minimum": 0}
-    aggregate = {
-        "type": "object",
-        "required": ["total_running_reqs", "total_waiting_reqs", "total_reqs"],
-        "properties": {
-            "total_running_reqs": count,
-            "total_waiting_reqs": count,
-            "total_reqs": count,
-            "avg_token_usage": {"type": "number", "minimum": 0, "maximum": 1},
-            "avg_throughput": {"type": "number", "minimum": 0},
-            "avg_utilization": {"type": "number", "minimum": 0, "maximum": 1},
-        },
-    }
-    document = {
-        "type": "object",
-        "required": ["timestamp", "version", "dp_rank_count", "loads", "aggregate", "unavailable"],
-        "properties": {
-            "timestamp": {"type": "string", "format": "date-time"},
-            "version": {"type": "string"},
-            "dp_rank_count": count,
-            "loads": {"type": "array", "items": load},
-            "aggregate": aggregate,
-            "unavailable": {"type": "array", "items": unavailable},
-        },
-    }
     text = {"schema": {"type": "string"}}
-    reasons = sorted(
-        {state.value for state in SegmentState if state is not SegmentState.OK}
-        | {"dead", "no_data", *labels}
-    )
-    no_store = {"Cache-Control": {"schema": {"type": "string", "const": "no-store"}}}
     return {
         200: {
-            "headers": no_store,
+            "headers": _NO_STORE,
             "content": {
-                "application/json": {"schema": document},
+                "application/json": {"schema": _struct_schema(LoadsDocument)},
                 CONTENT_TYPE_TEXT: text,
                 CONTENT_TYPE_OPENMETRICS: text,
             },
         },
         400: {
             "description": "Bad input; the message says what is valid",
-            "headers": no_store,
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["detail"],
-                        "properties": {
-                            "detail": {"type": "string", "minLength": 1},
-                            "valid_sections": {"type": "array", "items": {"type": "string"}},
-                            "valid_formats": {"type": "array", "items": {"type": "string"}},
-                        },
-                    }
-                }
-            },
+            "headers": _NO_STORE,
+            "content": {"application/json": {"schema": _struct_schema(QueryErrorBody)}},
         },
-        503: {
-            "description": "Nothing usable to report; reason says why",
-            "headers": {
-                **no_store,
-                "Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 0}},
-            },
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["detail", "reason"],
-                        "properties": {
-                            "detail": {"type": "string", "minLength": 1},
-                            "reason": {"type": "string", "enum": reasons},
-                        },
-                    }
-                }
-            },
+        503: _unavailable_response(),
+    }
+
+
+def _legacy_responses() -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "description": "Every routable rank, in sglang-router 0.3.x's shape",
+            "headers": _NO_STORE,
+            "content": {"application/json": {"schema": _struct_schema(list[LegacyLoad])}},
         },
+        503: _unavailable_response(),
     }
 
 
@@ -339,18 +322,22 @@ def loads_router(
     path: str = "/v1/loads",
     prefix: str = "loadsnap_",
     const_labels: Mapping[str, str] | None = None,
-    default_include: str = "core",
+    default_include: str = "all",
     version: str | None = None,
     clock: Callable[[], float] = time.time,
+    legacy_path: str | None = "/get_load",
 ) -> APIRouter:
-    """Build the ``/v1/loads`` router.
+    """Build the ``/v1/loads`` router (and ``/get_load``, for sglang-router 0.3.x).
 
     Query parameters: ``dp_rank`` (one rank), ``include`` (comma-separated sections: core,
-    memory, spec, lora, disagg, queues, all), ``format`` (json, prometheus, openmetrics).
+    memory, spec, lora, disagg, queues, all; sglang's default ``all``), ``format`` (json,
+    prometheus, openmetrics). The JSON is sglang's document
+    (:class:`~loadsnap.exposition.LoadsDocument`): ``loads`` holds the routable (fresh) ranks,
+    ``unavailable`` the others with their status and age.
 
     Status codes: 200; 400 for bad input, with a message saying what is valid; 503 with
-    ``reason`` (``missing``, ``not_ready``, ``incompatible``, ``dead``, ``no_data``) when there
-    is nothing usable to report.
+    ``reason`` (``missing``, ``not_ready``, ``incompatible``, ``dead``, ``no_data``, or the
+    status of the one rank asked for) when no rank is routable.
 
     Parameters
     ----------
@@ -366,6 +353,9 @@ def loads_router(
         Reported as ``version`` in JSON (default: loadsnap's version).
     clock:
         Wall clock for ``timestamp``.
+    legacy_path:
+        Where to serve sglang-router 0.3.x's ``GET /get_load`` (a JSON array of ``{dp_rank,
+        num_reqs, num_waiting_reqs, num_tokens}`` per routable rank); None: not served.
 
     Raises
     ------
@@ -388,7 +378,7 @@ def loads_router(
         summary="Every DP rank's latest load with its freshness",
         response_description="JSON, Prometheus text or OpenMetrics",
         responses=_openapi_responses(),
-        openapi_extra={"parameters": _openapi_parameters()},
+        openapi_extra={"parameters": _openapi_parameters(default_include)},
     )
     async def get_loads(request: Request) -> Response:
         params = request.query_params
@@ -414,19 +404,18 @@ def loads_router(
                     f"valid: 0..{len(reads) - 1} (dp_size={len(reads)})",
                 )
             reads = [reads[query.dp_rank]]
-            if reads[0].snapshot is None:
-                read = reads[0]
+            read = reads[0]
+            if read.status not in ROUTABLE_STATUSES or read.snapshot is None:
                 return _error(
                     503,
-                    f"dp_rank={read.rank} has no usable snapshot: {read.status.label} "
-                    f"({read.reason})",
+                    f"dp_rank={read.rank} has no current load: {read.status.label} ({read.reason})",
                     reason=read.status.label,
                 )
         elif (refusal := _unavailable(reads)) is not None:
             return refusal
         headers = {"Cache-Control": "no-store"}
         if query.format == "json":
-            doc = render_json(reads, query.include, clock(), version=product_version)
+            doc = build_document(reads, query.include, clock(), version=product_version)
             return Response(
                 msgspec.json.encode(doc), media_type="application/json", headers=headers
             )
@@ -435,5 +424,24 @@ def loads_router(
         content_type = CONTENT_TYPE_OPENMETRICS if openmetrics else CONTENT_TYPE_TEXT
         headers["Content-Type"] = content_type
         return Response(text.encode(), headers=headers)
+
+    if legacy_path is not None:
+
+        @router.get(
+            legacy_path,
+            summary="Every routable rank's load in sglang-router 0.3.x's /get_load shape",
+            responses=_legacy_responses(),
+        )
+        async def get_load() -> Response:
+            try:
+                reads = await anyio.to_thread.run_sync(locked.read_all)
+            except LoadsnapError as exc:
+                return _error(503, str(exc), reason=unavailable_state(exc).value)
+            if (refusal := _unavailable(reads)) is not None:
+                return refusal
+            body = msgspec.json.encode(legacy_loads(build_document(reads, "core")))
+            return Response(
+                body, media_type="application/json", headers={"Cache-Control": "no-store"}
+            )
 
     return router

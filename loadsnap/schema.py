@@ -45,6 +45,11 @@ Ratio = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 # Rates are finite and non-negative; the upper bound also rejects +inf.
 Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1e15)]
 ShortText = Annotated[str, msgspec.Meta(max_length=128)]
+# sglang's figures in sglang's own units (GB = 2**30 bytes, ms), appended to the sections under
+# sglang's names: None means the writer did not report it, and /v1/loads derives the figure
+# from loadsnap's own fields instead (loadsnap.exposition.document holds that mapping).
+Reported = Annotated[float, msgspec.Meta(ge=0.0, le=1e15)] | None
+ReportedCount = Count | None
 
 
 class MemorySection(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -56,6 +61,11 @@ class MemorySection(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     device_total_bytes: Count = 0
     device_used_bytes: Count = 0
     kv_token_capacity: Count = 0
+    # Appended, sglang's names and units (None: derived from the byte figures above).
+    weight_gb: Reported = None
+    kv_cache_gb: Reported = None
+    graph_gb: Reported = None
+    token_capacity: ReportedCount = None
 
 
 class SpeculativeSection(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -71,6 +81,10 @@ class LoraSection(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
 
     max_loaded_adapters: Count = 0
     loaded_adapters: Annotated[list[ShortText], msgspec.Meta(max_length=256)] = []
+    # Appended, sglang's names (None: derived from the adapter list and its maximum).
+    slots_used: ReportedCount = None
+    slots_total: ReportedCount = None
+    utilization: Ratio | None = None
 
 
 class DisaggregationSection(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -81,6 +95,15 @@ class DisaggregationSection(msgspec.Struct, kw_only=True, omit_defaults=True, gc
     num_transfer_queue_reqs: Count = 0
     num_bootstrap_queue_reqs: Count = 0
     num_inflight_queue_reqs: Count = 0
+    # Appended, sglang's names and units (None: derived from the queue counts above, 0 for
+    # the figures loadsnap has no field for).
+    prefill_prealloc_queue_reqs: ReportedCount = None
+    prefill_inflight_queue_reqs: ReportedCount = None
+    decode_prealloc_queue_reqs: ReportedCount = None
+    decode_transfer_queue_reqs: ReportedCount = None
+    decode_retracted_queue_reqs: ReportedCount = None
+    kv_transfer_speed_gb_s: Reported = None
+    kv_transfer_latency_ms: Reported = None
 
 
 class QueueSection(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):

@@ -1,4 +1,5 @@
-"""The sidecar HTTP app: ``/v1/loads``, ``/metrics`` and ``/healthz`` for one instance.
+"""The sidecar HTTP app: ``/v1/loads``, ``/get_load``, ``/metrics`` and ``/healthz`` for one
+instance.
 
 For engines without an HTTP server of their own (e.g. gRPC-mode serving): ``loadsnap serve``
 runs :func:`create_app` under uvicorn. :class:`ServerThread` runs the same app in a background

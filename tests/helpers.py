@@ -1,4 +1,5 @@
-"""What tests of every kind share: waiting, figures, ports, processes, promtool, writers, demos.
+"""What tests of every kind share: waiting, figures, ports, processes, promtool, writers, demos,
+and the slot reads behind the /v1/loads document goldens.
 
 Fixtures built on these live in ``tests/conftest.py``. Import as ``from tests.helpers import ...``
 (pytest puts the repository root on ``sys.path``); test modules never import each other.
@@ -25,7 +26,19 @@ from typing import IO, TYPE_CHECKING, Any, Final
 
 import pytest
 
-from loadsnap import LoadSnapshot, ShmReader, ShmWriter, SlotRead, unlink_segment
+from loadsnap import (
+    DisaggregationSection,
+    LoadSnapshot,
+    LoraSection,
+    MemorySection,
+    QueueSection,
+    ShmReader,
+    ShmWriter,
+    SlotRead,
+    SlotStatus,
+    SpeculativeSection,
+    unlink_segment,
+)
 from loadsnap.errors import SegmentUnavailableError
 
 if TYPE_CHECKING:  # the server (FastAPI, uvicorn) is imported by the tests that serve only
@@ -339,3 +352,73 @@ class Demo:
             proc.stdout.close()
         while not self.lines.empty():
             self.output.append(self.lines.get())
+
+
+# --- sglang's /v1/loads document -----------------------------------------------------------------
+
+FIXED_NOW: Final[float] = 1_700_000_000.5
+"""The wall-clock time the document goldens are rendered at."""
+
+
+def busy_snapshot(rank: int, **sections: object) -> LoadSnapshot:
+    """A busy rank's snapshot with distinct figures, plus the given sections."""
+    return LoadSnapshot(
+        dp_rank=rank,
+        num_running_reqs=12 + rank,
+        num_waiting_reqs=3,
+        num_waiting_uncached_tokens=900,
+        num_used_tokens=40000,
+        num_total_tokens=41000,
+        max_total_num_tokens=100000,
+        max_running_requests=64,
+        token_usage=0.4,
+        gen_throughput=1520.5,
+        cache_hit_rate=0.25,
+        utilization=0.75,
+        seq=101,
+        cycle=1500,
+        publish_mono_ns=5_000_000_000,
+        publish_wall_ns=1_700_000_000_250_000_000,
+        epoch=1,
+        last_accepted_dispatch_seq=77,
+        **sections,  # type: ignore[arg-type]
+    )
+
+
+def golden_reads() -> list[SlotRead]:
+    """Fresh ranks 0 (loadsnap's own section fields) and 1 (sglang-named fields set), then a
+    stale, a dead and a never-published rank."""
+    own = busy_snapshot(
+        0,
+        memory=MemorySection(
+            weight_bytes=16 * 2**30, kv_cache_bytes=40 * 2**30, kv_token_capacity=100000
+        ),
+        speculative=SpeculativeSection(num_draft_tokens=4, accept_length=2.5, accept_rate=0.625),
+        lora=LoraSection(max_loaded_adapters=8, loaded_adapters=["a", "b"]),
+        disaggregation=DisaggregationSection(
+            mode="prefill", num_bootstrap_queue_reqs=2, num_inflight_queue_reqs=1
+        ),
+        queues=QueueSection(num_grammar_queue_reqs=1, num_paused_reqs=2, num_retracted_reqs=3),
+    )
+    sglang_named = busy_snapshot(
+        1,
+        memory=MemorySection(weight_gb=15.5, kv_cache_gb=39.25, graph_gb=0.75, token_capacity=9),
+        lora=LoraSection(slots_used=3, slots_total=4, utilization=0.75),
+        disaggregation=DisaggregationSection(
+            mode="decode",
+            decode_prealloc_queue_reqs=4,
+            decode_transfer_queue_reqs=5,
+            decode_retracted_queue_reqs=6,
+            kv_transfer_speed_gb_s=12.5,
+            kv_transfer_latency_ms=3.25,
+        ),
+    )
+    stale = busy_snapshot(2, queues=QueueSection(num_paused_reqs=9))
+    dead = busy_snapshot(3)
+    return [
+        SlotRead(3, SlotStatus.DEAD, dead, 10.25, 9, 1, 0, "writer is gone"),
+        SlotRead(0, SlotStatus.FRESH, own, 0.015, 101, 1, 4242),
+        SlotRead(2, SlotStatus.STALE, stale, 3.0, 55, 2, 4243, "age 3.000s > budget 2.0s"),
+        SlotRead(4, SlotStatus.NEVER_PUBLISHED, None, None, 0, 0, 0, "no record yet"),
+        SlotRead(1, SlotStatus.FRESH, sglang_named, 0.5, 7, 3, 4244),
+    ]

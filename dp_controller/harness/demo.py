@@ -2,7 +2,11 @@
 
 Starts ``--dp-size`` reference schedulers (subprocesses publishing into shared memory), a DP
 controller dispatching a seeded workload to them, and the HTTP server (``/v1/loads``,
-``/metrics``, ``/healthz``); draws the per-rank table and prints the URLs. Ctrl-C, SIGTERM or
+``/get_load``, ``/metrics``, ``/healthz``) of a fake sglang worker (:mod:`.engine`: also
+``/health``, ``/v1/models``, ``/server_info``), so a router (SMG, sglang-router) can be pointed
+at the demo; with ``--grpc-port`` the same worker over gRPC (``SglangScheduler``: health,
+model and server info, ``GetLoads``, pushed loads). Draws the per-rank table and prints the
+URLs. Ctrl-C, SIGTERM or
 the end of ``--duration`` stops everything: controller, server, schedulers, the segment and
 the ipc sockets' directory.
 
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
     from dp_controller.controller import Controller
     from dp_controller.harness.fleet import SchedulerFleet
     from loadsnap.collector import Collector
+    from loadsnap.grpc_server import GrpcServerThread
     from loadsnap.server import ServerThread
     from scheduler.messages import Finished
 
@@ -52,13 +57,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         epilog=(
             "While it runs: curl http://127.0.0.1:8000/v1/loads, "
             "curl 'http://127.0.0.1:8000/v1/loads?format=prometheus', "
-            "loadsnap top --instance INSTANCE, loadsnap inspect --instance INSTANCE"
+            "loadsnap top --instance INSTANCE, loadsnap inspect --instance INSTANCE; "
+            "a router: python -m smg launch --worker-urls http://127.0.0.1:8000 "
+            "(or grpc://127.0.0.1:GRPC_PORT with --grpc-port)"
         ),
     )
     flags.add_instance(parser)
     flags.add_dp_size(parser, default=4, spawns=True)
     flags.add_host_port(
         parser, port=8000, port_help="HTTP port (default 8000; 0 or taken: any free port)"
+    )
+    flags.add_grpc_port(
+        parser,
+        help="also serve the fake engine over gRPC on this port (SglangScheduler: health, "
+        "model and server info, GetLoads, SubscribeKvEvents; needs loadsnap[grpc])",
     )
     flags.add_duration(
         parser,
@@ -138,6 +150,16 @@ def _start_server(app: Any, host: str, port: int) -> ServerThread:
         return ServerThread(app, host, 0).start()
 
 
+def _start_grpc(source: Any, args: argparse.Namespace) -> GrpcServerThread:
+    from dp_controller.harness.engine import add_engine_servicers
+    from loadsnap.grpc_server import GrpcServerThread
+
+    def setup(server: Any) -> None:
+        add_engine_servicers(server, source, args.dp_size)
+
+    return GrpcServerThread(setup, args.host, args.grpc_port).start()
+
+
 def _add_controller_metrics(app: Any, controller: Controller) -> None:
     collector = app.state.collector
     dispatcher = controller.dispatcher
@@ -175,11 +197,11 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo; exit status 0 after a clean stop, 1 when a part failed."""
     from dp_controller.cli import budget_config, make_dispatcher
     from dp_controller.controller import Controller
+    from dp_controller.harness.engine import engine_app
     from dp_controller.harness.fleet import SchedulerFleet, claim_instance
     from loadsnap._lockfile import LockFile
     from loadsnap.collector import Collector
     from loadsnap.errors import LoadsnapError
-    from loadsnap.server import create_app
     from loadsnap.shm_reader import ShmReader
 
     interactive = sys.stdout.isatty() and sys.stdin.isatty()
@@ -191,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
     fleet: SchedulerFleet | None = None
     controller: Controller | None = None
     server: ServerThread | None = None
+    grpc_server: GrpcServerThread | None = None
     workload: _Workload | None = None
     collector: Collector | None = None
     status = 0
@@ -208,13 +231,21 @@ def run(args: argparse.Namespace) -> int:
         with ShmReader(args.instance, stale_after_s=args.stale_after_s) as reader:
             dispatcher = make_dispatcher(args.policy, reader, args.dp_size, budget_config(args))
             controller = Controller(dispatcher, fleet.request_addrs, fleet.result_addr)
-            app = create_app(args.instance, const_labels={"instance": args.instance})
+            app = engine_app(
+                args.dp_size,
+                args.instance,
+                const_labels={"instance": args.instance},
+                stale_after_s=args.stale_after_s,
+            )
             _add_controller_metrics(app, controller)
             server = _start_server(app, args.host, args.port)
             base = server.url
             print(f"loadsnap demo: {base}/v1/loads", flush=True)
             print(f"loadsnap demo: {base}/v1/loads?format=prometheus", flush=True)
             print(f"loadsnap demo: {base}/metrics  {base}/healthz", flush=True)
+            if args.grpc_port is not None:
+                grpc_server = _start_grpc(app.state.source, args)
+                print(f"loadsnap demo: grpc://{grpc_server.target} (fake engine)", flush=True)
             print(f"loadsnap demo: loadsnap top --instance {args.instance}", flush=True)
             workload = _Workload(controller, args)
             workload.thread.start()
@@ -232,6 +263,8 @@ def run(args: argparse.Namespace) -> int:
             workload.thread.join(10.0)
         if controller is not None:
             controller.close()
+        if grpc_server is not None:
+            grpc_server.stop()
         if server is not None:
             server.stop()
         if collector is not None:

@@ -1,42 +1,54 @@
-"""Prometheus text (0.0.4) and OpenMetrics (1.0.0) rendering of slot reads: pure functions.
+"""Prometheus text (0.0.4) and OpenMetrics (1.0.0) of slot reads, through prometheus_client.
 
-Theory of operation: one table, :data:`CORE_METRICS`, lists every per-rank metric once with its
-type, HELP text, unit and how to get its value from a :class:`~loadsnap.SlotRead`. Two naming
-schemes share the table:
+Theory of operation: :func:`load_families` turns reads into prometheus_client metric families
+(a pure function), and :func:`render_prometheus` has prometheus_client's own encoders write
+them, the same engine behind ``/metrics``. The figures come from the ``/v1/loads`` document
+(:mod:`._document`), so the Prometheus view shows the same ranks and the same numbers as the
+JSON:
 
-* ``native`` (any prefix, default ``loadsnap_``): base units in the names, ratios 0..1 named
-  ``_ratio``/``_perc``, counters ending in ``_total``, and the Gateway API Inference Extension's
-  recommended names for its three required signals (``num_requests_waiting``,
-  ``num_requests_running``, ``kv_cache_usage_perc``).
-* ``reference`` (chosen automatically for the ``sglang_`` prefix): the reference ``/v1/loads``
-  endpoint's names (``sglang_num_running_reqs``, ``sglang_token_usage``, ...) for the fields it
-  exports, so existing dashboards and scrapers keep working; loadsnap's freshness metrics are
-  added under the same prefix.
+* **load figures**, only for the ranks in the document's ``loads`` (fresh ranks: a stale or
+  dead rank's last load must not look current to a scraper). :data:`CORE_METRICS` lists each
+  once with its two names: ``native`` (any prefix, default ``loadsnap_``: base units, ratios
+  named ``_ratio``/``_perc``, and the Gateway API Inference Extension's names for its three
+  signals) and ``reference`` (the ``sglang_`` prefix: sglang's names, which are the document's
+  keys). Sections follow sglang: ``<prefix><selector>_<field>`` for each numeric field of the
+  document's section (``sglang_memory_weight_gb``, ``sglang_spec_accept_rate``,
+  ``sglang_disagg_kv_transfer_latency_ms``...); the native scheme converts the GB and ms
+  figures to base units (:data:`NATIVE_SECTION_FIELDS`). ``<prefix>disagg_mode{mode}`` is 1.
+* **freshness figures** for every rank with a readable record: age, last publish time, publish
+  and cycle counters, writer epoch; and ``<prefix>rank_status{status}`` for every rank.
 
-Load gauges are emitted for fresh and stale ranks only: a dead rank's last load would otherwise
-look current to a scraper. Its age, publish counter and status stay visible. Output is
-deterministic: families in table order, samples by rank, labels in a fixed order.
+Families are in table order, samples by rank; prometheus_client sorts the labels.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
+import msgspec
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
 from loadsnap.errors import UsageError
-from loadsnap.exposition._json import USABLE_STATUSES
+from loadsnap.exposition._document import DOCUMENT_SECTIONS, GIB, build_document
+from loadsnap.exposition._sglang import LoadsDocument, RankLoad, field_help
 from loadsnap.reading import SlotRead, SlotStatus
-from loadsnap.schema import LoadSnapshot, parse_include
+from loadsnap.schema import parse_include
 
 __all__ = [
     "CONTENT_TYPE_OPENMETRICS",
     "CONTENT_TYPE_TEXT",
     "CORE_METRICS",
+    "NATIVE_SECTION_FIELDS",
     "MetricSpec",
     "Naming",
+    "NativeField",
+    "load_families",
     "render_prometheus",
 ]
 
@@ -54,102 +66,56 @@ _RESERVED_LABELS: Final[frozenset[str]] = frozenset({"dp_rank", "status", "mode"
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """One per-rank metric: names in both schemes, type, HELP, unit and value getter."""
+    """One per-rank metric: names in both schemes, type, HELP and unit.
+
+    A load figure (``value`` None) is the document field ``reference`` of each rank in
+    ``loads``; a freshness figure reads ``value(read)`` for every rank with a record.
+    """
 
     native: str
     reference: str
     kind: MetricKind
     help: str
-    value: Callable[[SlotRead], Number | None]
+    value: Callable[[SlotRead], Number | None] | None = None
     unit: str = ""
-    load: bool = True  # a load figure: emitted only for fresh and stale ranks
+
+    @property
+    def load(self) -> bool:
+        """Whether this is a load figure (exported for the document's ``loads`` only)."""
+        return self.value is None
 
 
-def _snap(getter: Callable[[LoadSnapshot], Number]) -> Callable[[SlotRead], Number | None]:
+def _load(native: str, key: str, help_text: str = "") -> MetricSpec:
+    return MetricSpec(native, key, "gauge", help_text or field_help(RankLoad, key))
+
+
+def _snap(get: Callable[[SlotRead], Number | None]) -> Callable[[SlotRead], Number | None]:
     def value(read: SlotRead) -> Number | None:
-        return None if read.snapshot is None else getter(read.snapshot)
+        return None if read.snapshot is None else get(read)
 
     return value
 
 
 CORE_METRICS: Final[tuple[MetricSpec, ...]] = (
-    MetricSpec(
-        "num_requests_running",
-        "num_running_reqs",
-        "gauge",
-        "Requests in the rank's running batch.",
-        _snap(lambda s: s.num_running_reqs),
-    ),
-    MetricSpec(
-        "num_requests_waiting",
-        "num_waiting_reqs",
-        "gauge",
-        "Requests queued on the rank, not yet running.",
-        _snap(lambda s: s.num_waiting_reqs),
-    ),
-    MetricSpec(
+    _load("num_requests_running", "num_running_reqs", "Requests in the rank's running batch."),
+    _load("num_requests_waiting", "num_waiting_reqs", "Requests queued on the rank, not running."),
+    _load(
         "kv_cache_usage_perc",
         "token_usage",
-        "gauge",
         "KV-cache (token pool) utilization as a ratio from 0 to 1.",
-        _snap(lambda s: s.token_usage),
     ),
-    MetricSpec(
-        "num_waiting_uncached_tokens",
-        "num_waiting_uncached_tokens",
-        "gauge",
-        "Uncached prompt tokens of waiting requests, still to prefill.",
-        _snap(lambda s: s.num_waiting_uncached_tokens),
-    ),
-    MetricSpec(
-        "num_used_tokens",
-        "num_used_tokens",
-        "gauge",
-        "Tokens held in the KV cache.",
-        _snap(lambda s: s.num_used_tokens),
-    ),
-    MetricSpec(
-        "num_total_tokens",
-        "num_total_tokens",
-        "gauge",
-        "Tokens in use plus tokens pending prefill.",
-        _snap(lambda s: s.num_total_tokens),
-    ),
-    MetricSpec(
-        "max_total_num_tokens",
-        "max_total_num_tokens",
-        "gauge",
-        "KV-cache capacity in tokens.",
-        _snap(lambda s: s.max_total_num_tokens),
-    ),
-    MetricSpec(
-        "max_running_requests",
-        "max_running_requests",
-        "gauge",
-        "Most requests the rank runs at once.",
-        _snap(lambda s: s.max_running_requests),
-    ),
-    MetricSpec(
+    _load("num_waiting_uncached_tokens", "num_waiting_uncached_tokens"),
+    _load("num_used_tokens", "num_used_tokens"),
+    _load("num_total_tokens", "num_total_tokens"),
+    _load("max_total_num_tokens", "max_total_num_tokens"),
+    _load("max_running_requests", "max_running_requests"),
+    _load(
         "gen_throughput_tokens_per_second",
         "gen_throughput",
-        "gauge",
         "Recent generation throughput in tokens per second.",
-        _snap(lambda s: s.gen_throughput),
     ),
-    MetricSpec(
-        "cache_hit_ratio",
-        "cache_hit_rate",
-        "gauge",
-        "Prefix-cache hit ratio from 0 to 1.",
-        _snap(lambda s: s.cache_hit_rate),
-    ),
-    MetricSpec(
-        "utilization_ratio",
-        "utilization",
-        "gauge",
-        "Rank utilization as a ratio from 0 to 1.",
-        _snap(lambda s: s.utilization),
-    ),
+    _load("cache_hit_ratio", "cache_hit_rate", "Prefix-cache hit ratio from 0 to 1."),
+    _load("utilization_ratio", "utilization", "Rank utilization as a ratio from 0 to 1."),
     MetricSpec(
         "snapshot_age_seconds",
         "snapshot_age_seconds",
@@ -157,166 +123,200 @@ CORE_METRICS: Final[tuple[MetricSpec, ...]] = (
         "Seconds since the rank's latest snapshot was published (reader's monotonic clock).",
         lambda read: read.age_s,
         unit="seconds",
-        load=False,
     ),
     MetricSpec(
         "last_publish_timestamp_seconds",
         "last_publish_timestamp_seconds",
         "gauge",
         "Wall-clock time of the rank's latest publish, in seconds since the Unix epoch.",
-        _snap(lambda s: s.publish_wall_ns / 1e9),
+        _snap(lambda read: read.snapshot.publish_wall_ns / 1e9 if read.snapshot else None),
         unit="seconds",
-        load=False,
     ),
     MetricSpec(
         "publishes_total",
         "publishes_total",
         "counter",
         "Snapshots published into the rank's slot (the record sequence).",
-        lambda read: read.seq if read.snapshot is not None else None,
-        load=False,
+        _snap(lambda read: read.seq),
     ),
     MetricSpec(
         "scheduler_cycles_total",
         "scheduler_cycles_total",
         "counter",
         "Scheduler loop iterations reported by the rank.",
-        _snap(lambda s: s.cycle),
-        load=False,
+        _snap(lambda read: read.snapshot.cycle if read.snapshot else None),
     ),
     MetricSpec(
         "accepted_dispatches_total",
         "accepted_dispatches_total",
         "counter",
         "Highest dispatch sequence the rank has absorbed contiguously (per writer epoch).",
-        _snap(lambda s: s.last_accepted_dispatch_seq),
-        load=False,
+        _snap(lambda read: read.snapshot.last_accepted_dispatch_seq if read.snapshot else None),
     ),
     MetricSpec(
         "writer_epoch",
         "writer_epoch",
         "gauge",
         "Times a writer has attached to the rank's slot; a change means a restart.",
-        lambda read: read.epoch if read.snapshot is not None else None,
-        load=False,
+        _snap(lambda read: read.epoch),
     ),
 )
 
-# Section selector -> (attribute, [(field, kind, help, unit)]). Names: <prefix><selector>_<field>.
-_SECTION_METRICS: Final[dict[str, tuple[str, tuple[tuple[str, str, str], ...]]]] = {
-    "memory": (
-        "memory",
-        (
-            ("weight_bytes", "Device memory held by model weights, in bytes.", "bytes"),
-            ("kv_cache_bytes", "Device memory held by the KV cache, in bytes.", "bytes"),
-            ("activation_bytes", "Device memory held by activations, in bytes.", "bytes"),
-            ("device_total_bytes", "Device memory in total, in bytes.", "bytes"),
-            ("device_used_bytes", "Device memory in use, in bytes.", "bytes"),
-            ("kv_token_capacity", "KV-cache capacity in tokens.", ""),
-        ),
+
+@dataclass(frozen=True)
+class NativeField:
+    """A section field's native name when sglang's is not in base units."""
+
+    name: str
+    factor: float
+    unit: str
+    help: str
+
+
+# (selector, field) -> its native form. Every other numeric field keeps its sglang name.
+NATIVE_SECTION_FIELDS: Final[dict[tuple[str, str], NativeField]] = {
+    ("memory", "weight_gb"): NativeField("weight_bytes", GIB, "bytes", "Model weight memory."),
+    ("memory", "kv_cache_gb"): NativeField("kv_cache_bytes", GIB, "bytes", "KV cache memory."),
+    ("memory", "graph_gb"): NativeField("graph_bytes", GIB, "bytes", "CUDA graph memory."),
+    ("spec", "accept_rate"): NativeField(
+        "accept_ratio", 1.0, "", "Speculative acceptance ratio from 0 to 1."
     ),
-    "spec": (
-        "speculative",
-        (
-            ("num_draft_tokens", "Draft tokens proposed per step.", ""),
-            ("accept_length", "Mean accepted draft length per step.", ""),
-            ("accept_rate", "Draft acceptance ratio from 0 to 1.", ""),
-        ),
+    ("lora", "utilization"): NativeField(
+        "utilization_ratio", 1.0, "", "LoRA pool utilization ratio from 0 to 1."
     ),
-    "lora": (
-        "lora",
-        (
-            ("max_loaded_adapters", "Most LoRA adapters the rank holds at once.", ""),
-            ("loaded_adapters", "LoRA adapters currently loaded.", ""),
-        ),
+    ("disagg", "kv_transfer_speed_gb_s"): NativeField(
+        "kv_transfer_bytes_per_second", GIB, "", "KV transfer speed in bytes per second."
     ),
-    "disagg": (
-        "disaggregation",
-        (
-            ("num_prealloc_queue_reqs", "Requests in the disaggregation prealloc queue.", ""),
-            ("num_transfer_queue_reqs", "Requests in the KV transfer queue.", ""),
-            ("num_bootstrap_queue_reqs", "Requests in the bootstrap queue.", ""),
-            ("num_inflight_queue_reqs", "Requests with a KV transfer in flight.", ""),
-        ),
-    ),
-    "queues": (
-        "queues",
-        (
-            ("num_grammar_queue_reqs", "Requests waiting for grammar compilation.", ""),
-            ("num_paused_reqs", "Requests paused (e.g. by a weight update).", ""),
-            ("num_retracted_reqs", "Requests retracted to free KV cache.", ""),
-            ("num_chunked_prefill_reqs", "Requests in chunked prefill.", ""),
-            ("num_prefill_reqs", "Requests in prefill.", ""),
-            ("num_decode_reqs", "Requests in decode.", ""),
-        ),
+    ("disagg", "kv_transfer_latency_ms"): NativeField(
+        "kv_transfer_latency_seconds", 1e-3, "seconds", "KV transfer latency."
     ),
 }
 
 
-def _format_value(value: Number) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-class _Writer:
-    """Accumulates families; knows the text vs OpenMetrics differences."""
-
-    def __init__(self, openmetrics: bool, const_labels: Sequence[tuple[str, str]]) -> None:
-        self.lines: list[str] = []
-        self.openmetrics = openmetrics
-        self.const = "".join(f'{name}="{_escape(value)}",' for name, value in const_labels)
-
-    def family(
-        self,
-        name: str,
-        kind: MetricKind,
-        help_text: str,
-        unit: str,
-        samples: Sequence[tuple[str, Number]],
-    ) -> None:
-        # ``samples``: (rendered extra labels without braces, value). Empty families are omitted.
-        if not samples:
-            return
-        family = name
-        if self.openmetrics and kind == "counter" and name.endswith("_total"):
-            family = name[: -len("_total")]
-        self.lines.append(f"# HELP {family} {help_text}")
-        self.lines.append(f"# TYPE {family} {kind}")
-        if self.openmetrics and unit and family.endswith("_" + unit):
-            self.lines.append(f"# UNIT {family} {unit}")
-        for labels, value in samples:
-            inner = (self.const + labels).rstrip(",")
-            self.lines.append(f"{name}{{{inner}}} {_format_value(value)}")
-
-    def text(self) -> str:
-        if self.openmetrics:
-            self.lines.append("# EOF")
-        return "\n".join(self.lines) + "\n"
-
-
-def _check_names(prefix: str, const_labels: Mapping[str, str]) -> list[tuple[str, str]]:
+def _check_names(prefix: str, const_labels: Mapping[str, str]) -> dict[str, str]:
     if prefix and not _METRIC_NAME_RE.match(prefix):
         raise UsageError(f"invalid metric prefix: prefix={prefix!r}; use [a-zA-Z_:][a-zA-Z0-9_:]*")
-    checked = []
-    for name in sorted(const_labels):
+    for name in const_labels:
         if not _LABEL_NAME_RE.match(name) or name.startswith("__") or name in _RESERVED_LABELS:
             raise UsageError(
                 f"invalid constant label name: name={name!r}; use [a-zA-Z_][a-zA-Z0-9_]*, "
                 f"not starting with __ and not one of {', '.join(sorted(_RESERVED_LABELS))}"
             )
-        checked.append((name, str(const_labels[name])))
-    return checked
+    return {name: str(value) for name, value in const_labels.items()}
+
+
+class _Families:
+    """Builds families with the constant labels; drops empty ones."""
+
+    def __init__(self, const: dict[str, str]) -> None:
+        self.const = const
+        self.out: list[Metric] = []
+
+    def add(
+        self,
+        name: str,
+        kind: MetricKind,
+        help_text: str,
+        unit: str,
+        samples: Sequence[tuple[dict[str, str], Number]],
+    ) -> None:
+        if not samples:
+            return
+        labels = sorted({*self.const, *(key for extra, _ in samples for key in extra)})
+        family: Metric
+        if kind == "counter":
+            family = CounterMetricFamily(name.removesuffix("_total"), help_text, labels=labels)
+        else:
+            family = GaugeMetricFamily(name, help_text, labels=labels, unit=unit)
+        for extra, value in samples:
+            values = {**self.const, **extra}
+            family.add_metric([values[label] for label in labels], value)
+        self.out.append(family)
+
+    def collect(self) -> Iterator[Metric]:
+        """prometheus_client's collector interface."""
+        return iter(self.out)
+
+
+def load_families(
+    reads: Iterable[SlotRead],
+    prefix: str = "loadsnap_",
+    const_labels: Mapping[str, str] | None = None,
+    *,
+    include: str | Iterable[str] = "core",
+    naming: Naming | None = None,
+) -> list[Metric]:
+    """Per-rank load and freshness figures as prometheus_client families (a pure function).
+
+    Raises
+    ------
+    UsageError
+        An invalid prefix or constant label name, or an unknown section in ``include``.
+    """
+    const = _check_names(prefix, const_labels or {})
+    sections = parse_include(include)
+    scheme: Naming = naming or ("reference" if prefix == "sglang_" else "native")
+    ordered = sorted(reads, key=lambda r: r.rank)
+    document: LoadsDocument = build_document(ordered, sections)
+    out = _Families(const)
+    for spec in CORE_METRICS:
+        samples: list[tuple[dict[str, str], Number]] = []
+        if spec.value is None:
+            for load in document.loads:
+                samples.append(({"dp_rank": str(load.dp_rank)}, getattr(load, spec.reference)))
+        else:
+            for read in ordered:
+                value = spec.value(read)
+                if value is not None:
+                    samples.append(({"dp_rank": str(read.rank)}, value))
+        name, help_text = spec.native, spec.help
+        if scheme == "reference":
+            name = spec.reference
+            help_text = field_help(RankLoad, name) if spec.load else spec.help
+        out.add(prefix + name, spec.kind, help_text, spec.unit, samples)
+    out.add(
+        prefix + "rank_status",
+        "gauge",
+        "1 for the rank's current status (fresh, stale, dead, never_published, torn, invalid).",
+        "",
+        [
+            ({"dp_rank": str(read.rank), "status": status.label}, int(read.status is status))
+            for read in ordered
+            for status in SlotStatus
+        ],
+    )
+    for section in DOCUMENT_SECTIONS:
+        present = [
+            (load.dp_rank, part)
+            for load in document.loads
+            if not isinstance(part := getattr(load, section.key), msgspec.UnsetType)
+        ]
+        for field in section.metrics.__struct_fields__:
+            if field == "mode":
+                continue
+            name, factor, unit = f"{section.stem}_{field}", 1.0, ""
+            help_text = field_help(section.metrics, field)
+            native = NATIVE_SECTION_FIELDS.get((section.selector, field))
+            if scheme == "native" and native is not None:
+                name, factor, unit = f"{section.stem}_{native.name}", native.factor, native.unit
+                help_text = native.help
+            samples = [
+                (
+                    {"dp_rank": str(rank)},
+                    getattr(part, field) * factor if factor != 1.0 else getattr(part, field),
+                )
+                for rank, part in present
+            ]
+            out.add(prefix + name, "gauge", help_text, unit, samples)
+        if section.selector == "disagg":
+            out.add(
+                prefix + "disagg_mode",
+                "gauge",
+                "1 for the rank's disaggregation mode.",
+                "",
+                [({"dp_rank": str(rank), "mode": part.mode}, 1) for rank, part in present],
+            )
+    return out.out
 
 
 def render_prometheus(
@@ -330,22 +330,22 @@ def render_prometheus(
 ) -> str:
     """Render reads as Prometheus text exposition (or OpenMetrics), deterministically.
 
-    Every family has HELP and TYPE; every sample has a ``dp_rank`` label after the constant
-    labels. A rank's status is exported as ``<prefix>rank_status{status=...}`` with one series
-    per possible status (1 for the current one), so alerts can match on it.
+    Every family has HELP and TYPE; every sample has a ``dp_rank`` label. A rank's status is
+    exported as ``<prefix>rank_status{status=...}`` with one series per possible status (1 for
+    the current one), so alerts can match on it.
 
     Parameters
     ----------
     reads:
         Slot reads from any :class:`~loadsnap.SnapshotSource`.
     prefix:
-        Prepended to every metric name. ``sglang_`` selects the reference naming scheme.
+        Prepended to every metric name. ``sglang_`` selects sglang's names.
     const_labels:
         Labels added to every sample, e.g. ``{"instance": "a", "model": "m"}``.
     openmetrics:
         Render OpenMetrics 1.0.0 (counter families without ``_total``, ``UNIT``, ``# EOF``).
     include:
-        Sections whose numeric fields are also exported (``<prefix><section>_<field>``) for
+        Sections whose numeric fields are also exported (``<prefix><selector>_<field>``) for
         the ranks that carry them; ``core`` alone adds nothing.
     naming:
         ``native`` or ``reference``; default ``reference`` for the ``sglang_`` prefix.
@@ -355,51 +355,7 @@ def render_prometheus(
     UsageError
         An invalid prefix or constant label name, or an unknown section in ``include``.
     """
-    labels = _check_names(prefix, const_labels or {})
-    sections = parse_include(include)
-    scheme: Naming = naming or ("reference" if prefix == "sglang_" else "native")
-    ordered = sorted(reads, key=lambda r: r.rank)
-    out = _Writer(openmetrics, labels)
-    for spec in CORE_METRICS:
-        samples: list[tuple[str, Number]] = []
-        for read in ordered:
-            if spec.load and read.status not in USABLE_STATUSES:
-                continue
-            value = spec.value(read)
-            if value is not None:
-                samples.append((f'dp_rank="{read.rank}"', value))
-        name = spec.native if scheme == "native" else spec.reference
-        out.family(prefix + name, spec.kind, spec.help, spec.unit, samples)
-    status_samples: list[tuple[str, Number]] = [
-        (f'dp_rank="{read.rank}",status="{status.label}"', int(read.status is status))
-        for read in ordered
-        for status in SlotStatus
-    ]
-    out.family(
-        prefix + "rank_status",
-        "gauge",
-        "1 for the rank's current status (fresh, stale, dead, never_published, torn, invalid).",
-        "",
-        status_samples,
-    )
-    usable = [r for r in ordered if r.status in USABLE_STATUSES and r.snapshot is not None]
-    for selector, (attribute, fields) in _SECTION_METRICS.items():
-        if selector not in sections:
-            continue
-        present = [(r.rank, getattr(r.snapshot, attribute)) for r in usable]
-        present = [(rank, section) for rank, section in present if section is not None]
-        for field, help_text, unit in fields:
-            samples = []
-            for rank, section in present:
-                value = getattr(section, field)
-                number = len(value) if isinstance(value, list) else value
-                samples.append((f'dp_rank="{rank}"', number))
-            out.family(f"{prefix}{selector}_{field}", "gauge", help_text, unit, samples)
-        if selector == "disagg":
-            modes: list[tuple[str, Number]] = [
-                (f'dp_rank="{rank}",mode="{_escape(section.mode)}"', 1) for rank, section in present
-            ]
-            out.family(
-                f"{prefix}disagg_mode", "gauge", "1 for the rank's disaggregation mode.", "", modes
-            )
-    return out.text()
+    families = _Families({})
+    families.out = load_families(reads, prefix, const_labels, include=include, naming=naming)
+    encode = generate_openmetrics if openmetrics else generate_latest
+    return encode(families).decode()

@@ -113,7 +113,7 @@ def test_serve_smoke(instance: str, published: list[ShmWriter]) -> None:
         doc = httpx.get(base + "/v1/loads", timeout=5.0).json()
         assert [load["dp_rank"] for load in doc["loads"]] == [0]
         text = httpx.get(base + "/v1/loads", params={"format": "prometheus"}, timeout=5.0).text
-        assert 'loadsnap_num_requests_running{model="m",dp_rank="0"} 4' in text
+        assert 'loadsnap_num_requests_running{dp_rank="0",model="m"} 4.0' in text
         assert httpx.get(base + "/metrics", timeout=5.0).status_code == 200
     finally:
         proc.send_signal(signal.SIGINT)

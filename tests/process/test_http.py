@@ -90,16 +90,19 @@ def test_json_every_rank_fresh(server: ServerThread, published: list[ShmWriter])
         assert 0.0 <= load["age_seconds"] < 5.0
         assert load["num_running_reqs"] == rank + 2
         assert load["seq"] == 1
-        assert "memory" not in load  # include defaults to core
+        # include defaults to sglang's "all": the sections the writer filled, in sglang's units
+        assert load["memory"]["weight_gb"] == (1000 + rank) / 2**30
+        assert "speculative" not in load
     assert doc["aggregate"]["total_running_reqs"] == 2 + 3 + 4
 
 
 def test_json_dp_rank_and_include(server: ServerThread, published: list[ShmWriter]) -> None:
     doc = _get(server, "/v1/loads", params={"dp_rank": "1", "include": "core,memory"}).json()
     assert [load["dp_rank"] for load in doc["loads"]] == [1]
-    assert doc["loads"][0]["memory"] == {"weight_bytes": 1001}
-    doc = _get(server, "/v1/loads", params={"include": "all"}).json()
-    assert doc["loads"][0]["speculative"] is None
+    memory = {"weight_gb": 1001 / 2**30, "kv_cache_gb": 0.0, "graph_gb": 0.0, "token_capacity": 0}
+    assert doc["loads"][0]["memory"] == memory
+    doc = _get(server, "/v1/loads", params={"include": "core"}).json()
+    assert "memory" not in doc["loads"][0]
 
 
 def test_prometheus_text(server: ServerThread, published: list[ShmWriter]) -> None:
@@ -176,9 +179,10 @@ def test_503_every_rank_dead(instance: str, server: ServerThread) -> None:
     assert response.status_code == 503
     assert response.json()["reason"] == "dead"
     assert "every rank is dead" in response.json()["detail"]
-    # One rank may still be asked for: its last snapshot with status dead.
-    doc = _get(server, "/v1/loads", params={"dp_rank": "0"}).json()
-    assert doc["loads"][0]["status"] == "dead"
+    # One rank asked for: a 503 naming its status (a dead rank's load is never served).
+    response = _get(server, "/v1/loads", params={"dp_rank": "0"})
+    assert response.status_code == 503
+    assert response.json()["reason"] == "dead"
 
 
 def test_503_single_rank_never_published(server: ServerThread, writers: list[ShmWriter]) -> None:

@@ -198,8 +198,9 @@ def test_live_ranks_never_dead_then_a_kill_is_seen_within_budget(
             final.extend(controller.poll(0.02))
         assert dead_after is not None and dead_after <= _STALE_AFTER_S, dead_after
         assert reader.read(0).status is SlotStatus.FRESH
+        doc = http.get("/v1/loads").json()  # a dead rank is listed apart, never in loads
         http_status = {
-            load["dp_rank"]: load["status"] for load in http.get("/v1/loads").json()["loads"]
+            rank["dp_rank"]: rank["status"] for rank in doc["loads"] + doc["unavailable"]
         }
         assert http_status == {0: "fresh", 1: "dead"}
         per_rid = Counter(result.rid for result in final)

@@ -356,6 +356,10 @@ def _one_bad_field_each() -> Iterator[tuple[str, LoadSnapshot]]:
 
 
 def _bad_values(kind: msgspec.inspect.Type) -> list[object]:
+    if isinstance(kind, msgspec.inspect.UnionType):  # an optional figure: X | None
+        return [bad for member in kind.types for bad in _bad_values(member)]
+    if isinstance(kind, msgspec.inspect.NoneType):
+        return []
     if isinstance(kind, msgspec.inspect.IntType):
         return [-1, 2**63, 1.5]
     if isinstance(kind, msgspec.inspect.FloatType):

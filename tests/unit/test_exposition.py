@@ -86,258 +86,129 @@ def fixed_reads() -> list[SlotRead]:
 GOLDEN_NATIVE = """\
 # HELP loadsnap_num_requests_running Requests in the rank's running batch.
 # TYPE loadsnap_num_requests_running gauge
-loadsnap_num_requests_running{instance="demo",model="llama-8b",dp_rank="0"} 12
-loadsnap_num_requests_running{instance="demo",model="llama-8b",dp_rank="1"} 0
-# HELP loadsnap_num_requests_waiting Requests queued on the rank, not yet running.
+loadsnap_num_requests_running{dp_rank="0",instance="demo",model="llama-8b"} 12.0
+# HELP loadsnap_num_requests_waiting Requests queued on the rank, not running.
 # TYPE loadsnap_num_requests_waiting gauge
-loadsnap_num_requests_waiting{instance="demo",model="llama-8b",dp_rank="0"} 3
-loadsnap_num_requests_waiting{instance="demo",model="llama-8b",dp_rank="1"} 0
+loadsnap_num_requests_waiting{dp_rank="0",instance="demo",model="llama-8b"} 3.0
 # HELP loadsnap_kv_cache_usage_perc KV-cache (token pool) utilization as a ratio from 0 to 1.
 # TYPE loadsnap_kv_cache_usage_perc gauge
-loadsnap_kv_cache_usage_perc{instance="demo",model="llama-8b",dp_rank="0"} 0.4
-loadsnap_kv_cache_usage_perc{instance="demo",model="llama-8b",dp_rank="1"} 0.0
-# HELP loadsnap_num_waiting_uncached_tokens Uncached prompt tokens of waiting requests, still to prefill.
+loadsnap_kv_cache_usage_perc{dp_rank="0",instance="demo",model="llama-8b"} 0.4
+# HELP loadsnap_num_waiting_uncached_tokens Number of uncached input tokens waiting for prefill compute.
 # TYPE loadsnap_num_waiting_uncached_tokens gauge
-loadsnap_num_waiting_uncached_tokens{instance="demo",model="llama-8b",dp_rank="0"} 900
-loadsnap_num_waiting_uncached_tokens{instance="demo",model="llama-8b",dp_rank="1"} 0
-# HELP loadsnap_num_used_tokens Tokens held in the KV cache.
+loadsnap_num_waiting_uncached_tokens{dp_rank="0",instance="demo",model="llama-8b"} 900.0
+# HELP loadsnap_num_used_tokens Number of tokens in use.
 # TYPE loadsnap_num_used_tokens gauge
-loadsnap_num_used_tokens{instance="demo",model="llama-8b",dp_rank="0"} 40000
-loadsnap_num_used_tokens{instance="demo",model="llama-8b",dp_rank="1"} 0
-# HELP loadsnap_num_total_tokens Tokens in use plus tokens pending prefill.
+loadsnap_num_used_tokens{dp_rank="0",instance="demo",model="llama-8b"} 40000.0
+# HELP loadsnap_num_total_tokens Used tokens plus pending prefill tokens.
 # TYPE loadsnap_num_total_tokens gauge
-loadsnap_num_total_tokens{instance="demo",model="llama-8b",dp_rank="0"} 41000
-loadsnap_num_total_tokens{instance="demo",model="llama-8b",dp_rank="1"} 0
-# HELP loadsnap_max_total_num_tokens KV-cache capacity in tokens.
+loadsnap_num_total_tokens{dp_rank="0",instance="demo",model="llama-8b"} 41000.0
+# HELP loadsnap_max_total_num_tokens Maximum token capacity.
 # TYPE loadsnap_max_total_num_tokens gauge
-loadsnap_max_total_num_tokens{instance="demo",model="llama-8b",dp_rank="0"} 100000
-loadsnap_max_total_num_tokens{instance="demo",model="llama-8b",dp_rank="1"} 100000
-# HELP loadsnap_max_running_requests Most requests the rank runs at once.
+loadsnap_max_total_num_tokens{dp_rank="0",instance="demo",model="llama-8b"} 100000.0
+# HELP loadsnap_max_running_requests Maximum running requests capacity.
 # TYPE loadsnap_max_running_requests gauge
-loadsnap_max_running_requests{instance="demo",model="llama-8b",dp_rank="0"} 64
-loadsnap_max_running_requests{instance="demo",model="llama-8b",dp_rank="1"} 64
+loadsnap_max_running_requests{dp_rank="0",instance="demo",model="llama-8b"} 64.0
 # HELP loadsnap_gen_throughput_tokens_per_second Recent generation throughput in tokens per second.
 # TYPE loadsnap_gen_throughput_tokens_per_second gauge
-loadsnap_gen_throughput_tokens_per_second{instance="demo",model="llama-8b",dp_rank="0"} 1520.5
-loadsnap_gen_throughput_tokens_per_second{instance="demo",model="llama-8b",dp_rank="1"} 0.0
+loadsnap_gen_throughput_tokens_per_second{dp_rank="0",instance="demo",model="llama-8b"} 1520.5
 # HELP loadsnap_cache_hit_ratio Prefix-cache hit ratio from 0 to 1.
 # TYPE loadsnap_cache_hit_ratio gauge
-loadsnap_cache_hit_ratio{instance="demo",model="llama-8b",dp_rank="0"} 0.25
-loadsnap_cache_hit_ratio{instance="demo",model="llama-8b",dp_rank="1"} 0.0
+loadsnap_cache_hit_ratio{dp_rank="0",instance="demo",model="llama-8b"} 0.25
 # HELP loadsnap_utilization_ratio Rank utilization as a ratio from 0 to 1.
 # TYPE loadsnap_utilization_ratio gauge
-loadsnap_utilization_ratio{instance="demo",model="llama-8b",dp_rank="0"} 0.75
-loadsnap_utilization_ratio{instance="demo",model="llama-8b",dp_rank="1"} 0.0
+loadsnap_utilization_ratio{dp_rank="0",instance="demo",model="llama-8b"} 0.75
 # HELP loadsnap_snapshot_age_seconds Seconds since the rank's latest snapshot was published (reader's monotonic clock).
 # TYPE loadsnap_snapshot_age_seconds gauge
-loadsnap_snapshot_age_seconds{instance="demo",model="llama-8b",dp_rank="0"} 0.015
-loadsnap_snapshot_age_seconds{instance="demo",model="llama-8b",dp_rank="1"} 3.0
-loadsnap_snapshot_age_seconds{instance="demo",model="llama-8b",dp_rank="2"} 10.25
+loadsnap_snapshot_age_seconds{dp_rank="0",instance="demo",model="llama-8b"} 0.015
+loadsnap_snapshot_age_seconds{dp_rank="1",instance="demo",model="llama-8b"} 3.0
+loadsnap_snapshot_age_seconds{dp_rank="2",instance="demo",model="llama-8b"} 10.25
 # HELP loadsnap_last_publish_timestamp_seconds Wall-clock time of the rank's latest publish, in seconds since the Unix epoch.
 # TYPE loadsnap_last_publish_timestamp_seconds gauge
-loadsnap_last_publish_timestamp_seconds{instance="demo",model="llama-8b",dp_rank="0"} 1700000000.2499998
-loadsnap_last_publish_timestamp_seconds{instance="demo",model="llama-8b",dp_rank="1"} 1699999997.0
-loadsnap_last_publish_timestamp_seconds{instance="demo",model="llama-8b",dp_rank="2"} 1699999990.0
+loadsnap_last_publish_timestamp_seconds{dp_rank="0",instance="demo",model="llama-8b"} 1.7000000002499998e+09
+loadsnap_last_publish_timestamp_seconds{dp_rank="1",instance="demo",model="llama-8b"} 1.699999997e+09
+loadsnap_last_publish_timestamp_seconds{dp_rank="2",instance="demo",model="llama-8b"} 1.69999999e+09
 # HELP loadsnap_publishes_total Snapshots published into the rank's slot (the record sequence).
 # TYPE loadsnap_publishes_total counter
-loadsnap_publishes_total{instance="demo",model="llama-8b",dp_rank="0"} 101
-loadsnap_publishes_total{instance="demo",model="llama-8b",dp_rank="1"} 55
-loadsnap_publishes_total{instance="demo",model="llama-8b",dp_rank="2"} 9
+loadsnap_publishes_total{dp_rank="0",instance="demo",model="llama-8b"} 101.0
+loadsnap_publishes_total{dp_rank="1",instance="demo",model="llama-8b"} 55.0
+loadsnap_publishes_total{dp_rank="2",instance="demo",model="llama-8b"} 9.0
 # HELP loadsnap_scheduler_cycles_total Scheduler loop iterations reported by the rank.
 # TYPE loadsnap_scheduler_cycles_total counter
-loadsnap_scheduler_cycles_total{instance="demo",model="llama-8b",dp_rank="0"} 1500
-loadsnap_scheduler_cycles_total{instance="demo",model="llama-8b",dp_rank="1"} 800
-loadsnap_scheduler_cycles_total{instance="demo",model="llama-8b",dp_rank="2"} 0
+loadsnap_scheduler_cycles_total{dp_rank="0",instance="demo",model="llama-8b"} 1500.0
+loadsnap_scheduler_cycles_total{dp_rank="1",instance="demo",model="llama-8b"} 800.0
+loadsnap_scheduler_cycles_total{dp_rank="2",instance="demo",model="llama-8b"} 0.0
 # HELP loadsnap_accepted_dispatches_total Highest dispatch sequence the rank has absorbed contiguously (per writer epoch).
 # TYPE loadsnap_accepted_dispatches_total counter
-loadsnap_accepted_dispatches_total{instance="demo",model="llama-8b",dp_rank="0"} 77
-loadsnap_accepted_dispatches_total{instance="demo",model="llama-8b",dp_rank="1"} 40
-loadsnap_accepted_dispatches_total{instance="demo",model="llama-8b",dp_rank="2"} 0
+loadsnap_accepted_dispatches_total{dp_rank="0",instance="demo",model="llama-8b"} 77.0
+loadsnap_accepted_dispatches_total{dp_rank="1",instance="demo",model="llama-8b"} 40.0
+loadsnap_accepted_dispatches_total{dp_rank="2",instance="demo",model="llama-8b"} 0.0
 # HELP loadsnap_writer_epoch Times a writer has attached to the rank's slot; a change means a restart.
 # TYPE loadsnap_writer_epoch gauge
-loadsnap_writer_epoch{instance="demo",model="llama-8b",dp_rank="0"} 1
-loadsnap_writer_epoch{instance="demo",model="llama-8b",dp_rank="1"} 2
-loadsnap_writer_epoch{instance="demo",model="llama-8b",dp_rank="2"} 1
+loadsnap_writer_epoch{dp_rank="0",instance="demo",model="llama-8b"} 1.0
+loadsnap_writer_epoch{dp_rank="1",instance="demo",model="llama-8b"} 2.0
+loadsnap_writer_epoch{dp_rank="2",instance="demo",model="llama-8b"} 1.0
 # HELP loadsnap_rank_status 1 for the rank's current status (fresh, stale, dead, never_published, torn, invalid).
 # TYPE loadsnap_rank_status gauge
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="0",status="fresh"} 1
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="0",status="stale"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="0",status="dead"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="0",status="never_published"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="0",status="torn"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="0",status="invalid"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="1",status="fresh"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="1",status="stale"} 1
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="1",status="dead"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="1",status="never_published"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="1",status="torn"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="1",status="invalid"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="2",status="fresh"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="2",status="stale"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="2",status="dead"} 1
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="2",status="never_published"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="2",status="torn"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="2",status="invalid"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="3",status="fresh"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="3",status="stale"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="3",status="dead"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="3",status="never_published"} 1
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="3",status="torn"} 0
-loadsnap_rank_status{instance="demo",model="llama-8b",dp_rank="3",status="invalid"} 0
-# HELP loadsnap_memory_weight_bytes Device memory held by model weights, in bytes.
+loadsnap_rank_status{dp_rank="0",instance="demo",model="llama-8b",status="fresh"} 1.0
+loadsnap_rank_status{dp_rank="0",instance="demo",model="llama-8b",status="stale"} 0.0
+loadsnap_rank_status{dp_rank="0",instance="demo",model="llama-8b",status="dead"} 0.0
+loadsnap_rank_status{dp_rank="0",instance="demo",model="llama-8b",status="never_published"} 0.0
+loadsnap_rank_status{dp_rank="0",instance="demo",model="llama-8b",status="torn"} 0.0
+loadsnap_rank_status{dp_rank="0",instance="demo",model="llama-8b",status="invalid"} 0.0
+loadsnap_rank_status{dp_rank="1",instance="demo",model="llama-8b",status="fresh"} 0.0
+loadsnap_rank_status{dp_rank="1",instance="demo",model="llama-8b",status="stale"} 1.0
+loadsnap_rank_status{dp_rank="1",instance="demo",model="llama-8b",status="dead"} 0.0
+loadsnap_rank_status{dp_rank="1",instance="demo",model="llama-8b",status="never_published"} 0.0
+loadsnap_rank_status{dp_rank="1",instance="demo",model="llama-8b",status="torn"} 0.0
+loadsnap_rank_status{dp_rank="1",instance="demo",model="llama-8b",status="invalid"} 0.0
+loadsnap_rank_status{dp_rank="2",instance="demo",model="llama-8b",status="fresh"} 0.0
+loadsnap_rank_status{dp_rank="2",instance="demo",model="llama-8b",status="stale"} 0.0
+loadsnap_rank_status{dp_rank="2",instance="demo",model="llama-8b",status="dead"} 1.0
+loadsnap_rank_status{dp_rank="2",instance="demo",model="llama-8b",status="never_published"} 0.0
+loadsnap_rank_status{dp_rank="2",instance="demo",model="llama-8b",status="torn"} 0.0
+loadsnap_rank_status{dp_rank="2",instance="demo",model="llama-8b",status="invalid"} 0.0
+loadsnap_rank_status{dp_rank="3",instance="demo",model="llama-8b",status="fresh"} 0.0
+loadsnap_rank_status{dp_rank="3",instance="demo",model="llama-8b",status="stale"} 0.0
+loadsnap_rank_status{dp_rank="3",instance="demo",model="llama-8b",status="dead"} 0.0
+loadsnap_rank_status{dp_rank="3",instance="demo",model="llama-8b",status="never_published"} 1.0
+loadsnap_rank_status{dp_rank="3",instance="demo",model="llama-8b",status="torn"} 0.0
+loadsnap_rank_status{dp_rank="3",instance="demo",model="llama-8b",status="invalid"} 0.0
+# HELP loadsnap_memory_weight_bytes Model weight memory.
 # TYPE loadsnap_memory_weight_bytes gauge
-loadsnap_memory_weight_bytes{instance="demo",model="llama-8b",dp_rank="0"} 16000000000
-# HELP loadsnap_memory_kv_cache_bytes Device memory held by the KV cache, in bytes.
+loadsnap_memory_weight_bytes{dp_rank="0",instance="demo",model="llama-8b"} 1.6e+10
+# HELP loadsnap_memory_kv_cache_bytes KV cache memory.
 # TYPE loadsnap_memory_kv_cache_bytes gauge
-loadsnap_memory_kv_cache_bytes{instance="demo",model="llama-8b",dp_rank="0"} 40000000000
-# HELP loadsnap_memory_activation_bytes Device memory held by activations, in bytes.
-# TYPE loadsnap_memory_activation_bytes gauge
-loadsnap_memory_activation_bytes{instance="demo",model="llama-8b",dp_rank="0"} 0
-# HELP loadsnap_memory_device_total_bytes Device memory in total, in bytes.
-# TYPE loadsnap_memory_device_total_bytes gauge
-loadsnap_memory_device_total_bytes{instance="demo",model="llama-8b",dp_rank="0"} 80000000000
-# HELP loadsnap_memory_device_used_bytes Device memory in use, in bytes.
-# TYPE loadsnap_memory_device_used_bytes gauge
-loadsnap_memory_device_used_bytes{instance="demo",model="llama-8b",dp_rank="0"} 0
-# HELP loadsnap_memory_kv_token_capacity KV-cache capacity in tokens.
-# TYPE loadsnap_memory_kv_token_capacity gauge
-loadsnap_memory_kv_token_capacity{instance="demo",model="llama-8b",dp_rank="0"} 0
-# HELP loadsnap_disagg_num_prealloc_queue_reqs Requests in the disaggregation prealloc queue.
-# TYPE loadsnap_disagg_num_prealloc_queue_reqs gauge
-loadsnap_disagg_num_prealloc_queue_reqs{instance="demo",model="llama-8b",dp_rank="0"} 0
-# HELP loadsnap_disagg_num_transfer_queue_reqs Requests in the KV transfer queue.
-# TYPE loadsnap_disagg_num_transfer_queue_reqs gauge
-loadsnap_disagg_num_transfer_queue_reqs{instance="demo",model="llama-8b",dp_rank="0"} 2
-# HELP loadsnap_disagg_num_bootstrap_queue_reqs Requests in the bootstrap queue.
-# TYPE loadsnap_disagg_num_bootstrap_queue_reqs gauge
-loadsnap_disagg_num_bootstrap_queue_reqs{instance="demo",model="llama-8b",dp_rank="0"} 0
-# HELP loadsnap_disagg_num_inflight_queue_reqs Requests with a KV transfer in flight.
-# TYPE loadsnap_disagg_num_inflight_queue_reqs gauge
-loadsnap_disagg_num_inflight_queue_reqs{instance="demo",model="llama-8b",dp_rank="0"} 0
+loadsnap_memory_kv_cache_bytes{dp_rank="0",instance="demo",model="llama-8b"} 4e+10
+# HELP loadsnap_memory_graph_bytes CUDA graph memory.
+# TYPE loadsnap_memory_graph_bytes gauge
+loadsnap_memory_graph_bytes{dp_rank="0",instance="demo",model="llama-8b"} 0.0
+# HELP loadsnap_memory_token_capacity Max tokens in KV cache.
+# TYPE loadsnap_memory_token_capacity gauge
+loadsnap_memory_token_capacity{dp_rank="0",instance="demo",model="llama-8b"} 0.0
+# HELP loadsnap_disagg_prefill_prealloc_queue_reqs Prefill prealloc queue requests.
+# TYPE loadsnap_disagg_prefill_prealloc_queue_reqs gauge
+loadsnap_disagg_prefill_prealloc_queue_reqs{dp_rank="0",instance="demo",model="llama-8b"} 0.0
+# HELP loadsnap_disagg_prefill_inflight_queue_reqs Prefill inflight queue requests.
+# TYPE loadsnap_disagg_prefill_inflight_queue_reqs gauge
+loadsnap_disagg_prefill_inflight_queue_reqs{dp_rank="0",instance="demo",model="llama-8b"} 0.0
+# HELP loadsnap_disagg_decode_prealloc_queue_reqs Decode prealloc queue requests.
+# TYPE loadsnap_disagg_decode_prealloc_queue_reqs gauge
+loadsnap_disagg_decode_prealloc_queue_reqs{dp_rank="0",instance="demo",model="llama-8b"} 0.0
+# HELP loadsnap_disagg_decode_transfer_queue_reqs Decode transfer queue requests.
+# TYPE loadsnap_disagg_decode_transfer_queue_reqs gauge
+loadsnap_disagg_decode_transfer_queue_reqs{dp_rank="0",instance="demo",model="llama-8b"} 2.0
+# HELP loadsnap_disagg_decode_retracted_queue_reqs Decode retracted queue requests.
+# TYPE loadsnap_disagg_decode_retracted_queue_reqs gauge
+loadsnap_disagg_decode_retracted_queue_reqs{dp_rank="0",instance="demo",model="llama-8b"} 0.0
+# HELP loadsnap_disagg_kv_transfer_bytes_per_second KV transfer speed in bytes per second.
+# TYPE loadsnap_disagg_kv_transfer_bytes_per_second gauge
+loadsnap_disagg_kv_transfer_bytes_per_second{dp_rank="0",instance="demo",model="llama-8b"} 0.0
+# HELP loadsnap_disagg_kv_transfer_latency_seconds KV transfer latency.
+# TYPE loadsnap_disagg_kv_transfer_latency_seconds gauge
+loadsnap_disagg_kv_transfer_latency_seconds{dp_rank="0",instance="demo",model="llama-8b"} 0.0
 # HELP loadsnap_disagg_mode 1 for the rank's disaggregation mode.
 # TYPE loadsnap_disagg_mode gauge
-loadsnap_disagg_mode{instance="demo",model="llama-8b",dp_rank="0",mode="decode"} 1
-# HELP loadsnap_queues_num_grammar_queue_reqs Requests waiting for grammar compilation.
-# TYPE loadsnap_queues_num_grammar_queue_reqs gauge
-loadsnap_queues_num_grammar_queue_reqs{instance="demo",model="llama-8b",dp_rank="1"} 0
-# HELP loadsnap_queues_num_paused_reqs Requests paused (e.g. by a weight update).
-# TYPE loadsnap_queues_num_paused_reqs gauge
-loadsnap_queues_num_paused_reqs{instance="demo",model="llama-8b",dp_rank="1"} 1
-# HELP loadsnap_queues_num_retracted_reqs Requests retracted to free KV cache.
-# TYPE loadsnap_queues_num_retracted_reqs gauge
-loadsnap_queues_num_retracted_reqs{instance="demo",model="llama-8b",dp_rank="1"} 0
-# HELP loadsnap_queues_num_chunked_prefill_reqs Requests in chunked prefill.
-# TYPE loadsnap_queues_num_chunked_prefill_reqs gauge
-loadsnap_queues_num_chunked_prefill_reqs{instance="demo",model="llama-8b",dp_rank="1"} 0
-# HELP loadsnap_queues_num_prefill_reqs Requests in prefill.
-# TYPE loadsnap_queues_num_prefill_reqs gauge
-loadsnap_queues_num_prefill_reqs{instance="demo",model="llama-8b",dp_rank="1"} 0
-# HELP loadsnap_queues_num_decode_reqs Requests in decode.
-# TYPE loadsnap_queues_num_decode_reqs gauge
-loadsnap_queues_num_decode_reqs{instance="demo",model="llama-8b",dp_rank="1"} 0
-"""
-
-GOLDEN_SGLANG_CORE = """\
-# HELP sglang_num_running_reqs Requests in the rank's running batch.
-# TYPE sglang_num_running_reqs gauge
-sglang_num_running_reqs{dp_rank="0"} 12
-sglang_num_running_reqs{dp_rank="1"} 0
-# HELP sglang_num_waiting_reqs Requests queued on the rank, not yet running.
-# TYPE sglang_num_waiting_reqs gauge
-sglang_num_waiting_reqs{dp_rank="0"} 3
-sglang_num_waiting_reqs{dp_rank="1"} 0
-# HELP sglang_token_usage KV-cache (token pool) utilization as a ratio from 0 to 1.
-# TYPE sglang_token_usage gauge
-sglang_token_usage{dp_rank="0"} 0.4
-sglang_token_usage{dp_rank="1"} 0.0
-# HELP sglang_num_waiting_uncached_tokens Uncached prompt tokens of waiting requests, still to prefill.
-# TYPE sglang_num_waiting_uncached_tokens gauge
-sglang_num_waiting_uncached_tokens{dp_rank="0"} 900
-sglang_num_waiting_uncached_tokens{dp_rank="1"} 0
-# HELP sglang_num_used_tokens Tokens held in the KV cache.
-# TYPE sglang_num_used_tokens gauge
-sglang_num_used_tokens{dp_rank="0"} 40000
-sglang_num_used_tokens{dp_rank="1"} 0
-# HELP sglang_num_total_tokens Tokens in use plus tokens pending prefill.
-# TYPE sglang_num_total_tokens gauge
-sglang_num_total_tokens{dp_rank="0"} 41000
-sglang_num_total_tokens{dp_rank="1"} 0
-# HELP sglang_max_total_num_tokens KV-cache capacity in tokens.
-# TYPE sglang_max_total_num_tokens gauge
-sglang_max_total_num_tokens{dp_rank="0"} 100000
-sglang_max_total_num_tokens{dp_rank="1"} 100000
-# HELP sglang_max_running_requests Most requests the rank runs at once.
-# TYPE sglang_max_running_requests gauge
-sglang_max_running_requests{dp_rank="0"} 64
-sglang_max_running_requests{dp_rank="1"} 64
-# HELP sglang_gen_throughput Recent generation throughput in tokens per second.
-# TYPE sglang_gen_throughput gauge
-sglang_gen_throughput{dp_rank="0"} 1520.5
-sglang_gen_throughput{dp_rank="1"} 0.0
-# HELP sglang_cache_hit_rate Prefix-cache hit ratio from 0 to 1.
-# TYPE sglang_cache_hit_rate gauge
-sglang_cache_hit_rate{dp_rank="0"} 0.25
-sglang_cache_hit_rate{dp_rank="1"} 0.0
-# HELP sglang_utilization Rank utilization as a ratio from 0 to 1.
-# TYPE sglang_utilization gauge
-sglang_utilization{dp_rank="0"} 0.75
-sglang_utilization{dp_rank="1"} 0.0
-# HELP sglang_snapshot_age_seconds Seconds since the rank's latest snapshot was published (reader's monotonic clock).
-# TYPE sglang_snapshot_age_seconds gauge
-sglang_snapshot_age_seconds{dp_rank="0"} 0.015
-sglang_snapshot_age_seconds{dp_rank="1"} 3.0
-sglang_snapshot_age_seconds{dp_rank="2"} 10.25
-# HELP sglang_last_publish_timestamp_seconds Wall-clock time of the rank's latest publish, in seconds since the Unix epoch.
-# TYPE sglang_last_publish_timestamp_seconds gauge
-sglang_last_publish_timestamp_seconds{dp_rank="0"} 1700000000.2499998
-sglang_last_publish_timestamp_seconds{dp_rank="1"} 1699999997.0
-sglang_last_publish_timestamp_seconds{dp_rank="2"} 1699999990.0
-# HELP sglang_publishes_total Snapshots published into the rank's slot (the record sequence).
-# TYPE sglang_publishes_total counter
-sglang_publishes_total{dp_rank="0"} 101
-sglang_publishes_total{dp_rank="1"} 55
-sglang_publishes_total{dp_rank="2"} 9
-# HELP sglang_scheduler_cycles_total Scheduler loop iterations reported by the rank.
-# TYPE sglang_scheduler_cycles_total counter
-sglang_scheduler_cycles_total{dp_rank="0"} 1500
-sglang_scheduler_cycles_total{dp_rank="1"} 800
-sglang_scheduler_cycles_total{dp_rank="2"} 0
-# HELP sglang_accepted_dispatches_total Highest dispatch sequence the rank has absorbed contiguously (per writer epoch).
-# TYPE sglang_accepted_dispatches_total counter
-sglang_accepted_dispatches_total{dp_rank="0"} 77
-sglang_accepted_dispatches_total{dp_rank="1"} 40
-sglang_accepted_dispatches_total{dp_rank="2"} 0
-# HELP sglang_writer_epoch Times a writer has attached to the rank's slot; a change means a restart.
-# TYPE sglang_writer_epoch gauge
-sglang_writer_epoch{dp_rank="0"} 1
-sglang_writer_epoch{dp_rank="1"} 2
-sglang_writer_epoch{dp_rank="2"} 1
-# HELP sglang_rank_status 1 for the rank's current status (fresh, stale, dead, never_published, torn, invalid).
-# TYPE sglang_rank_status gauge
-sglang_rank_status{dp_rank="0",status="fresh"} 1
-sglang_rank_status{dp_rank="0",status="stale"} 0
-sglang_rank_status{dp_rank="0",status="dead"} 0
-sglang_rank_status{dp_rank="0",status="never_published"} 0
-sglang_rank_status{dp_rank="0",status="torn"} 0
-sglang_rank_status{dp_rank="0",status="invalid"} 0
-sglang_rank_status{dp_rank="1",status="fresh"} 0
-sglang_rank_status{dp_rank="1",status="stale"} 1
-sglang_rank_status{dp_rank="1",status="dead"} 0
-sglang_rank_status{dp_rank="1",status="never_published"} 0
-sglang_rank_status{dp_rank="1",status="torn"} 0
-sglang_rank_status{dp_rank="1",status="invalid"} 0
-sglang_rank_status{dp_rank="2",status="fresh"} 0
-sglang_rank_status{dp_rank="2",status="stale"} 0
-sglang_rank_status{dp_rank="2",status="dead"} 1
-sglang_rank_status{dp_rank="2",status="never_published"} 0
-sglang_rank_status{dp_rank="2",status="torn"} 0
-sglang_rank_status{dp_rank="2",status="invalid"} 0
-sglang_rank_status{dp_rank="3",status="fresh"} 0
-sglang_rank_status{dp_rank="3",status="stale"} 0
-sglang_rank_status{dp_rank="3",status="dead"} 0
-sglang_rank_status{dp_rank="3",status="never_published"} 1
-sglang_rank_status{dp_rank="3",status="torn"} 0
-sglang_rank_status{dp_rank="3",status="invalid"} 0
+loadsnap_disagg_mode{dp_rank="0",instance="demo",mode="decode",model="llama-8b"} 1.0
 """
 
 
@@ -357,9 +228,8 @@ def test_prometheus_golden_native() -> None:
     assert text == GOLDEN_NATIVE
 
 
-def test_prometheus_golden_sglang_prefix_reproduces_reference_names() -> None:
+def test_prometheus_sglang_prefix_reproduces_reference_names() -> None:
     text = render_prometheus(fixed_reads(), prefix="sglang_")
-    assert text == GOLDEN_SGLANG_CORE
     names = {family.name for family in text_string_to_metric_families(text)}
     reference = {
         "sglang_num_running_reqs",
@@ -388,7 +258,7 @@ def test_native_names_cover_the_inference_extension_signals() -> None:
         assert families[name].type == "gauge"
     assert families["loadsnap_publishes"].type == "counter"
     usage = {s.labels["dp_rank"]: s.value for s in families["loadsnap_kv_cache_usage_perc"].samples}
-    assert usage == {"0": 0.4, "1": 0.0}  # the dead rank's frozen load is not exported
+    assert usage == {"0": 0.4}  # the stale and dead ranks' last loads are not exported
 
 
 def test_every_family_has_help_and_type_and_series_are_unique() -> None:
@@ -431,7 +301,7 @@ def test_openmetrics_output_parses_and_ends_with_eof() -> None:
 
 def test_promtool_accepts_both_prefixes(promtool: str) -> None:
     check_promtool(promtool, GOLDEN_NATIVE)
-    check_promtool(promtool, GOLDEN_SGLANG_CORE)
+    check_promtool(promtool, render_prometheus(fixed_reads(), prefix="sglang_", include="all"))
 
 
 def test_label_values_are_escaped() -> None:
@@ -454,7 +324,7 @@ def test_bad_const_label_is_a_usage_error(label: str) -> None:
 
 
 def test_empty_reads_render_nothing_but_valid_text() -> None:
-    assert render_prometheus([]) == "\n"
+    assert render_prometheus([]) == ""
     assert render_prometheus([], openmetrics=True) == "# EOF\n"
 
 
@@ -475,39 +345,68 @@ def test_json_shape_and_reference_compatible_fields() -> None:
     }
     assert doc["timestamp"] == "2023-11-14T22:13:20.500000+00:00"
     assert doc["version"] == "9.9"
-    assert [load["dp_rank"] for load in doc["loads"]] == [0, 1, 2]
+    # Only the fresh rank is routable; the stale, dead and never-published ones are listed
+    # apart, with their status, reason and age.
+    assert [load["dp_rank"] for load in doc["loads"]] == [0]
+    assert doc["dp_rank_count"] == 1
     first = doc["loads"][0]
     expected = fixed_reads()[1].snapshot
     assert expected is not None
-    for key, value in expected.to_dict("core").items():
-        assert first[key] == value
+    for key in (
+        "dp_rank",
+        "num_running_reqs",
+        "num_waiting_reqs",
+        "num_waiting_uncached_tokens",
+        "num_used_tokens",
+        "num_total_tokens",
+        "max_total_num_tokens",
+        "max_running_requests",
+        "token_usage",
+        "gen_throughput",
+        "cache_hit_rate",
+        "utilization",
+        "cycle",
+        "epoch",
+        "last_accepted_dispatch_seq",
+        "publish_wall_ns",
+    ):
+        assert first[key] == getattr(expected, key), key
+    assert first["seq"] == 101
     assert first["num_total_reqs"] == 15
     assert first["age_seconds"] == 0.015
     assert first["status"] == "fresh"
-    assert doc["loads"][2]["status"] == "dead"
     assert doc["unavailable"] == [
-        {"dp_rank": 3, "status": "never_published", "reason": "no record yet"}
+        {"dp_rank": 1, "status": "stale", "reason": "age 3.000s > budget 2.0s", "age_seconds": 3.0},
+        {"dp_rank": 2, "status": "dead", "reason": "writer detached", "age_seconds": 10.25},
+        {"dp_rank": 3, "status": "never_published", "reason": "no record yet", "age_seconds": None},
     ]
-    # Aggregate over fresh and stale ranks only, with the reference's keys and rounding.
+    # Aggregate over the routable ranks only, with sglang's keys and rounding.
     assert doc["aggregate"] == {
         "total_running_reqs": 12,
         "total_waiting_reqs": 3,
         "total_reqs": 15,
-        "avg_token_usage": 0.2,
-        "avg_throughput": 760.25,
-        "avg_utilization": 0.375,
+        "avg_token_usage": 0.4,
+        "avg_throughput": 1520.5,
+        "avg_utilization": 0.75,
     }
     json.dumps(doc)  # JSON-ready
 
 
-def test_json_include_selects_sections() -> None:
+def test_json_include_selects_sections_and_core_is_always_there() -> None:
     doc = render_json(fixed_reads(), "memory", FIXED_NOW)
     first = doc["loads"][0]
-    assert set(first) == {"dp_rank", "memory", "age_seconds", "status", "reason"}
-    assert first["memory"]["weight_bytes"] == 16_000_000_000
-    assert doc["loads"][1]["memory"] is None
+    assert first["num_running_reqs"] == 12  # core keys are always present, as in sglang
+    assert first["memory"] == {
+        "weight_gb": 16_000_000_000 / 2**30,
+        "kv_cache_gb": 40_000_000_000 / 2**30,
+        "graph_gb": 0.0,
+        "token_capacity": 0,
+    }
+    assert "disaggregation" not in first  # not selected
     full = render_json(fixed_reads(), "all", FIXED_NOW)["loads"][0]
-    assert {"memory", "speculative", "lora", "disaggregation", "queues"} <= set(full)
+    # Sections the writer did not fill are absent, as in sglang.
+    assert {"memory", "disaggregation"} <= set(full)
+    assert not {"speculative", "lora", "queues"} & set(full)
 
 
 def test_json_unknown_section_is_a_usage_error() -> None:
