@@ -43,6 +43,7 @@ from loadsnap.layout import (
     MAGIC,
     READY_OFFSET,
     READY_VALUE,
+    SLOT_CONTROL_SIZE,
     WRITERS_LOCK_OFFSET,
     SegmentGeometry,
     round_up,
@@ -363,7 +364,7 @@ def _any_pid_alive(segment: MappedSegment) -> bool:
     header = segment.header
     with segment.buf.cast("Q") as words:
         for rank in range(header.dp_size):
-            pid = int(words[(HEADER_SIZE + rank * header.slot_size + CTRL_WRITER_PID_OFFSET) // 8])
+            pid = int(words[(HEADER_SIZE + rank * SLOT_CONTROL_SIZE + CTRL_WRITER_PID_OFFSET) // 8])
             if pid and pid != os.getpid() and _liveness.pid_alive(pid):
                 return True
     return False

@@ -8,11 +8,19 @@ Segment::
     +------------------------------+  0
     | SegmentHeader (128 B)        |
     +------------------------------+  HEADER_SIZE
-    | slot 0   (slot_size B)       |
-    +------------------------------+  HEADER_SIZE + slot_size
-    | slot 1                       |
+    | control table: one           |
+    | SlotControl (64 B) per rank  |
+    +------------------------------+  records_offset = HEADER_SIZE + dp_size * SLOT_CONTROL_SIZE
+    | rank 0: record copy 0, 1     |
+    +------------------------------+  records_offset + 2 * copy_size
+    | rank 1: record copy 0, 1     |
     | ...                          |
     +------------------------------+  HEADER_SIZE + dp_size * slot_size
+
+``slot_size`` is one rank's share: its SlotControl plus its two record copies
+(``SLOT_CONTROL_SIZE + 2 * copy_size``, a multiple of 64). The control words of every rank are
+contiguous, so a reader takes all of them with one copy and learns which ranks moved by
+comparing it with the previous one; only those ranks' records are then read.
 
 SegmentHeader (written once by the creator; ``ready`` is stored last)::
 
@@ -36,17 +44,8 @@ SegmentHeader (written once by the creator; ``ready`` is stored last)::
        | reserved to 128 (byte 64: the writers lock byte, see below)           |
    128 +-----------------------------------------------------------------------+
 
-Slot (one per rank, 64-byte aligned; ``slot_size`` is a multiple of 64)::
-
-     0 +-----------------------------------------------------------------------+
-       | SlotControl (64 B): sequence word, writer identity, epoch, counters   |
-    64 +-----------------------------------------------------------------------+
-       | record copy 0 (copy_size B)                                           |
-       +-----------------------------------------------------------------------+
-       | record copy 1 (copy_size B)                                           |
-       +-----------------------------------------------------------------------+
-
-SlotControl::
+SlotControl (one per rank, at ``HEADER_SIZE + rank * SLOT_CONTROL_SIZE``; 64-byte aligned, so
+no two writers share a cache line)::
 
      0 seq u64            the sequence word: the latest complete record, which lives in
                           copy (seq & 1); 0 = never published. Stored with one aligned
@@ -58,33 +57,45 @@ SlotControl::
     32 refused u64        payloads refused for not fitting the slot
     40 reserved to 64
 
-Record copy (``copy_size`` = round_up(RECORD_HEADER_SIZE + payload_capacity, 64))::
+Record copy (at ``records_offset + (2 * rank + copy) * copy_size``; ``copy_size`` =
+round_up(RECORD_HEADER_SIZE + payload_capacity + RECORD_CRC_SIZE, 64))::
 
      0 +-----------------------------------+-----------------------------------+
-       | record_crc u32: crc32 of the      | payload_len u32                   |
-       |   record, this field read as 0    |                                   |
+       | reserved u32 (0)                  | payload_len u32                   |
      8 +-----------------------------------+-----------------------------------+
        | hot record: the 10 dispatch-critical fields (HOT_FIELDS), 8 B each,   |
        | u64 or f64: 80 B                                                      |
     88 +-----------------------------------------------------------------------+
        | payload: msgpack LoadSnapshot, payload_len B                          |
        +-----------------------------------------------------------------------+
+       | record_crc u32, at 88 + payload_len: the record's check word          |
+       +-----------------------------------------------------------------------+
+       | zero to the end of the copy                                           |
+       +-----------------------------------------------------------------------+
+
+``record_crc`` is the *linear* CRC-32 (the zlib polynomial with neither the initial nor the
+final inversion) of the bytes before it, little-endian. Appending it makes the linear CRC of
+the whole record, check word included, zero; zero bytes after a record keep it zero, and so
+does any concatenation of such records. A reader therefore checks one record, or every
+record it just copied at once, with a single CRC call over the copied bytes (a torn copy is
+caught on any CPU). Writers keep the bytes after a record zero (they clear what a longer
+earlier record left) so that fixed-width copies check in one call; a non-zero tail only makes
+that batch check fail and the reader check each record alone.
 
 Liveness locks (OFD byte-range locks on the segment file, see ``loadsnap._liveness``; the
 locked bytes carry data as usual, only the lock matters)::
 
     WRITERS_LOCK_OFFSET (64)            every attached writer holds a shared lock: "is any
                                         writer attached?" is one F_OFD_GETLK
-    slot_offset(rank) + SLOT_LOCK_DELTA each rank's attached writer holds an exclusive lock:
-                                        a second writer is refused, readers probe for death
+    control_offset(rank) + SLOT_LOCK_DELTA each rank's attached writer holds an exclusive
+                                        lock: a second writer is refused, readers probe for death
 
 The hot record repeats the fields a dispatcher needs (identity and freshness, requests, tokens,
 KV capacity, throughput, the dispatch acknowledgement) so a reader can take every rank at once
 as numpy arrays without msgpack decoding; the other fields are in the payload only, which keeps
 the writer's packing short (each packed field costs the publish path about 20 ns). Its ``seq``
-is the record's sequence, which readers check against the sequence word. ``record_crc`` covers
-(sequence, length, payload), so a torn copy is detected on any CPU; summing with the field as
-zero lets the writer take the CRC of its staging buffer in one call, without slicing.
+is the record's sequence, which readers check against the sequence word; the check word
+covers it with the rest of the record.
 """
 
 from __future__ import annotations
@@ -97,10 +108,13 @@ import numpy as np
 from loadsnap.schema import LoadSnapshot
 
 __all__ = [
+    "CONTROL_DTYPE",
     "COPY_HOT_OFFSET",
     "COPY_PAYLOAD_LEN_OFFSET",
     "COPY_PAYLOAD_OFFSET",
-    "COPY_RECORD_CRC_OFFSET",
+    "COPY_RESERVED_OFFSET",
+    "CRC_CHECK_VALUE",
+    "CRC_SEED",
     "CRC_STRUCT",
     "CTRL_EPOCH_OFFSET",
     "CTRL_REFUSED_OFFSET",
@@ -122,6 +136,7 @@ __all__ = [
     "MAGIC",
     "MAX_DP_SIZE",
     "READY_VALUE",
+    "RECORD_CRC_SIZE",
     "RECORD_HEADER_SIZE",
     "SLOT_ALIGN",
     "SLOT_CONTROL_SIZE",
@@ -133,7 +148,7 @@ __all__ = [
 
 MAGIC: Final[int] = int.from_bytes(b"LOADSNAP", "little")
 READY_VALUE: Final[int] = int.from_bytes(b"READY!!!", "little")
-LAYOUT_MAJOR: Final[int] = 4
+LAYOUT_MAJOR: Final[int] = 5
 LAYOUT_MINOR: Final[int] = 0
 SLOT_ALIGN: Final[int] = 64
 DEFAULT_PAYLOAD_CAPACITY: Final[int] = 2048
@@ -172,8 +187,8 @@ WRITERS_LOCK_OFFSET: Final[int] = HEADER_FIELDS_END
 SLOT_LOCK_DELTA: Final[int] = CTRL_WRITER_PID_OFFSET
 
 # --- record copy --------------------------------------------------------------------------
-COPY_RECORD_CRC_OFFSET: Final[int] = 0
-COPY_PAYLOAD_LEN_OFFSET: Final[int] = COPY_RECORD_CRC_OFFSET + 4
+COPY_RESERVED_OFFSET: Final[int] = 0
+COPY_PAYLOAD_LEN_OFFSET: Final[int] = COPY_RESERVED_OFFSET + 4
 COPY_HOT_OFFSET: Final[int] = COPY_PAYLOAD_LEN_OFFSET + 4
 # (field name, struct code), in record order: the writer's stamps first, then the scheduler's
 # numbers. Every name is a LoadSnapshot field of that type (tests/unit/test_layout.py checks).
@@ -196,9 +211,31 @@ HOT_RECORD_SIZE: Final[int] = HOT_STRUCT.size
 HOT_SEQ_INDEX: Final[int] = 0
 COPY_PAYLOAD_OFFSET: Final[int] = COPY_HOT_OFFSET + HOT_RECORD_SIZE
 RECORD_HEADER_SIZE: Final[int] = COPY_PAYLOAD_OFFSET
-# Packs (record_crc placeholder, payload_len, *hot) at offset 0 in one call.
+# Packs (reserved, payload_len, *hot) at offset 0 in one call.
 HEAD_STRUCT: Final = struct.Struct("<II" + HOT_STRUCT.format[1:])
+# The check word after the payload (see the docstring: a linear CRC-32, little-endian).
 CRC_STRUCT: Final = struct.Struct("<I")
+RECORD_CRC_SIZE: Final[int] = CRC_STRUCT.size
+# zlib's crc32(data, value) starts its register at ~value and returns ~register: with this
+# value the register starts at 0, and a result equal to it means a final register of 0.
+CRC_SEED: Final[int] = 0xFFFFFFFF
+CRC_CHECK_VALUE: Final[int] = CRC_SEED
+
+# The control table as numpy sees it (one row per rank, SLOT_CONTROL_SIZE bytes apart).
+CONTROL_DTYPE: Final = np.dtype(
+    {
+        "names": ["seq", "writer_pid", "writer_pidns", "epoch", "refused"],
+        "formats": ["<u8"] * 5,
+        "offsets": [
+            CTRL_SEQ_OFFSET,
+            CTRL_WRITER_PID_OFFSET,
+            CTRL_WRITER_PIDNS_OFFSET,
+            CTRL_EPOCH_OFFSET,
+            CTRL_REFUSED_OFFSET,
+        ],
+        "itemsize": SLOT_CONTROL_SIZE,
+    }
+)
 
 
 def hot_values(snapshot: LoadSnapshot) -> tuple[int | float, ...]:
@@ -217,7 +254,14 @@ class SegmentGeometry:
     Immutable; safe to share.
     """
 
-    __slots__ = ("copy_size", "dp_size", "payload_capacity", "slot_size", "total_size")
+    __slots__ = (
+        "copy_size",
+        "dp_size",
+        "payload_capacity",
+        "records_offset",
+        "slot_size",
+        "total_size",
+    )
 
     def __init__(self, dp_size: int, payload_capacity: int = DEFAULT_PAYLOAD_CAPACITY) -> None:
         from loadsnap.errors import UsageError
@@ -231,25 +275,28 @@ class SegmentGeometry:
             )
         self.dp_size = dp_size
         self.payload_capacity = payload_capacity
-        self.copy_size = round_up(RECORD_HEADER_SIZE + payload_capacity, SLOT_ALIGN)
+        self.copy_size = round_up(
+            RECORD_HEADER_SIZE + payload_capacity + RECORD_CRC_SIZE, SLOT_ALIGN
+        )
         self.slot_size = SLOT_CONTROL_SIZE + 2 * self.copy_size
+        self.records_offset = HEADER_SIZE + dp_size * SLOT_CONTROL_SIZE
         self.total_size = HEADER_SIZE + dp_size * self.slot_size
 
-    def slot_offset(self, rank: int) -> int:
-        """Byte offset of ``rank``'s slot."""
-        return HEADER_SIZE + rank * self.slot_size
+    def control_offset(self, rank: int) -> int:
+        """Byte offset of ``rank``'s SlotControl in the control table."""
+        return HEADER_SIZE + rank * SLOT_CONTROL_SIZE
 
     def copy_offset(self, rank: int, copy: int) -> int:
-        """Byte offset of record copy ``copy`` (0 or 1) of ``rank``'s slot."""
-        return HEADER_SIZE + rank * self.slot_size + SLOT_CONTROL_SIZE + copy * self.copy_size
+        """Byte offset of record copy ``copy`` (0 or 1) of ``rank``."""
+        return self.records_offset + (2 * rank + copy) * self.copy_size
 
     def slot_lock_offset(self, rank: int) -> int:
         """Byte offset of ``rank``'s liveness lock byte (its writer holds it exclusively)."""
-        return HEADER_SIZE + rank * self.slot_size + SLOT_LOCK_DELTA
+        return HEADER_SIZE + rank * SLOT_CONTROL_SIZE + SLOT_LOCK_DELTA
 
     def seq_word_index(self, rank: int) -> int:
         """Index of ``rank``'s sequence word in a ``memoryview.cast("Q")`` of the segment."""
-        return (HEADER_SIZE + rank * self.slot_size + CTRL_SEQ_OFFSET) // 8
+        return (HEADER_SIZE + rank * SLOT_CONTROL_SIZE + CTRL_SEQ_OFFSET) // 8
 
     def __repr__(self) -> str:
         return (

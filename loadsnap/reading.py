@@ -6,6 +6,7 @@ Policy code (the dispatcher, the HTTP endpoint) sees only these types, never buf
 from __future__ import annotations
 
 import enum
+import time
 from typing import Final, Protocol, runtime_checkable
 
 import msgspec
@@ -54,17 +55,35 @@ class SegmentState(enum.Enum):
     INCOMPATIBLE = "incompatible"  # wrong magic, layout version, owner or permissions
 
 
-class SlotRead(msgspec.Struct, frozen=True):
-    """One rank's latest snapshot with its freshness. ``snapshot`` is None unless readable."""
+class SlotRead(msgspec.Struct, frozen=True, gc=False):
+    """One rank's latest snapshot with its freshness. Immutable; safe to share between threads.
+
+    ``snapshot`` is None unless readable. ``status`` is decided when the reader reads the slot;
+    ``age_s`` is the record's age *when you ask*: readers built on a monotonic publish time
+    (``publish_mono_ns``, the shared-memory reader) compute it at each access, so a reader can
+    hand out the same object for a slot that did not change; a source without one (test
+    doubles) gives a fixed ``fixed_age_s``. None when there is no readable record.
+
+    Readers share the ``snapshot`` object between the reads of an unchanged record: treat it
+    as read-only.
+    """
 
     rank: int
     status: SlotStatus
     snapshot: LoadSnapshot | None
-    age_s: float | None
+    fixed_age_s: float | None
     seq: int
     epoch: int
     writer_pid: int
     reason: str = ""
+    publish_mono_ns: int = 0
+
+    @property
+    def age_s(self) -> float | None:
+        """Seconds since the record was published (reader's monotonic clock), or None."""
+        if self.publish_mono_ns:
+            return max(0.0, (time.monotonic_ns() - self.publish_mono_ns) / 1e9)
+        return self.fixed_age_s
 
 
 class ReaderStats(msgspec.Struct):
@@ -82,8 +101,10 @@ class ReaderStats(msgspec.Struct):
 class HotTable(msgspec.Struct, frozen=True):
     """Every rank's dispatch-critical numbers as numpy arrays (index = rank), no msgpack decode.
 
-    ``valid`` is False for ranks without a consistent record (never published or torn); their
-    numbers are zero. ``age_s`` is NaN where ``valid`` is False.
+    ``valid`` is False for ranks without an accepted record (never published, torn, invalid);
+    their numbers are zero. ``age_s`` is NaN where ``valid`` is False, and measured at
+    ``taken_mono_ns``. The shared-memory reader's arrays are read-only views of one structured
+    array, shared with the later tables of the same reader while the ranks do not change.
     """
 
     taken_mono_ns: int

@@ -6,6 +6,11 @@ with a new reader (msgspec fills the default) and a new writer's bytes decode wi
 reader (msgspec ignores unknown map keys). Structs are encoded as msgpack maps, not arrays,
 for exactly that reason.
 
+The structs are declared ``gc=False``: they hold only numbers, strings and lists of strings,
+so they never form reference cycles and the garbage collector need not track them. A reader
+decoding a thousand snapshots at once then triggers no collections (with tracking, those cost
+about as much again as the decoding itself).
+
 Value constraints (counts >= 0, ratios in 0..1, no NaN) are part of the type: msgspec enforces
 them on every typed decode, so every reader and collector rejects bad values. Writers refuse
 them before publishing (:func:`loadsnap.wire.check_publishable`), so a bad value never blanks
@@ -47,7 +52,7 @@ Reported = Annotated[float, msgspec.Meta(ge=0.0, le=1e15)] | None
 ReportedCount = Count | None
 
 
-class MemorySection(msgspec.Struct, kw_only=True, omit_defaults=True):
+class MemorySection(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """Device memory figures, in bytes."""
 
     weight_bytes: Count = 0
@@ -63,7 +68,7 @@ class MemorySection(msgspec.Struct, kw_only=True, omit_defaults=True):
     token_capacity: ReportedCount = None
 
 
-class SpeculativeSection(msgspec.Struct, kw_only=True, omit_defaults=True):
+class SpeculativeSection(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """Speculative decoding acceptance."""
 
     num_draft_tokens: Count = 0
@@ -74,7 +79,7 @@ class SpeculativeSection(msgspec.Struct, kw_only=True, omit_defaults=True):
     proposed_draft_length: Reported = None
 
 
-class LoraSection(msgspec.Struct, kw_only=True, omit_defaults=True):
+class LoraSection(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """LoRA adapters resident on the rank."""
 
     max_loaded_adapters: Count = 0
@@ -85,7 +90,7 @@ class LoraSection(msgspec.Struct, kw_only=True, omit_defaults=True):
     utilization: Ratio | None = None
 
 
-class DisaggregationSection(msgspec.Struct, kw_only=True, omit_defaults=True):
+class DisaggregationSection(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """Prefill/decode disaggregation queues."""
 
     mode: ShortText = "null"
@@ -106,7 +111,7 @@ class DisaggregationSection(msgspec.Struct, kw_only=True, omit_defaults=True):
     prefill_bootstrap_queue_reqs: ReportedCount = None
 
 
-class QueueSection(msgspec.Struct, kw_only=True, omit_defaults=True):
+class QueueSection(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """Breakdown of requests that are neither running nor plainly waiting."""
 
     num_grammar_queue_reqs: Count = 0
@@ -123,7 +128,7 @@ class QueueSection(msgspec.Struct, kw_only=True, omit_defaults=True):
     prealloc_ready: ReportedCount = None
 
 
-class LoadSnapshot(msgspec.Struct, kw_only=True):
+class LoadSnapshot(msgspec.Struct, kw_only=True, gc=False):
     """One DP rank's load at one instant. A plain mutable struct: ``publish`` stamps ``seq``,
     ``epoch`` and the publish times into the object it is given.
 

@@ -2,41 +2,53 @@
 
 Attaches read-only and lazily: a reader may start before any writer, and re-attaches when the
 segment is recreated (a new deployment) or disappears (the last writer shut down).
+
+Theory of operation
+-------------------
+A reader keeps, per rank, what it last accepted (``loadsnap._readcache``): the record's hot
+values, its decoded snapshot once a caller needed it, and the last :class:`SlotRead` built.
+Every call starts with one copy of the control table (every rank's sequence word, writer pid
+and epoch, contiguous) and compares it with the previous copy. Equal bytes mean that no rank
+published, attached or detached since (the copy is only a change detector: a word that moved
+differs in at least one byte, and a byte read before a store only means the call came before
+it), so a call whose cached statuses cannot have changed yet returns its cached results
+without touching a record. Otherwise only the ranks whose sequence word moved are read,
+through the seqlock protocol of ``loadsnap._seqlock`` (atomic loads of the word before and
+after the copy, the record's own sequence, its check word; the check words of all the records
+read at once with one CRC call). Every record is accepted by that one routine whichever method
+asks (:meth:`read`, :meth:`read_all`, :meth:`read_changed`, :meth:`hot_table`), so they all
+accept the same records, and a record they accepted is not read again until its slot moves.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import platform
 import time
 from typing import Final
 
-import numpy as np
-import numpy.typing as npt
-
+from loadsnap._hottable import (
+    LargeTable,
+    SmallTable,
+    TableSource,
+    aged_status,
+    hot_table,
+    table_age,
+)
 from loadsnap._location import SegmentLocation
+from loadsnap._readcache import GATHER_MIN_RANKS, SMALL_MAX_RANKS, Payloads, RankCache
 from loadsnap._segment import MappedSegment, open_readonly
-from loadsnap._seqlock import ReadOutcome, read_record
 from loadsnap.errors import (
     LayoutError,
     SegmentError,
     SegmentNotReadyError,
     SegmentUnavailableError,
     UsageError,
-    WireError,
 )
 from loadsnap.layout import (
-    COPY_HOT_OFFSET,
     CTRL_EPOCH_OFFSET,
     CTRL_REFUSED_OFFSET,
     CTRL_SEQ_OFFSET,
     CTRL_WRITER_PID_OFFSET,
-    HOT_DTYPE,
-    HOT_FIELDS,
-    HOT_STRUCT,
-    RECORD_HEADER_SIZE,
-    SLOT_CONTROL_SIZE,
     SegmentGeometry,
 )
 from loadsnap.reading import (
@@ -47,8 +59,6 @@ from loadsnap.reading import (
     SlotRead,
     SlotStatus,
 )
-from loadsnap.schema import LoadSnapshot
-from loadsnap.wire import SnapshotDecoder
 
 __all__ = ["SegmentUnavailableError", "ShmReader"]
 
@@ -56,18 +66,16 @@ __all__ = ["SegmentUnavailableError", "ShmReader"]
 # byte); fresher ones are evidently alive. Keeps the probe off the common path.
 DEAD_PROBE_AFTER_S: Final[float] = 0.25
 REATTACH_CHECK_INTERVAL_S: Final[float] = 0.5
-# Total store order: the vectorised sequence check alone proves a hot record consistent.
-_TSO_MACHINES: Final[frozenset[str]] = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
-_FIELD_INDEX: Final[dict[str, int]] = {name: i for i, (name, _) in enumerate(HOT_FIELDS)}
-_SEQ: Final[int] = _FIELD_INDEX["seq"]
-_EPOCH: Final[int] = _FIELD_INDEX["epoch"]
-_MONO: Final[int] = _FIELD_INDEX["publish_mono_ns"]
+_FOREVER: Final[int] = 2**62
+_TORN_REASON: Final[str] = "no consistent copy after retries"
+_DETACHED_REASON: Final[str] = "writer detached"
+_GONE_REASON: Final[str] = "writer is gone (its slot lock was released)"
 
 
 class ShmReader:
     """Reads every rank of one instance. Safe from any process, never blocks a writer.
 
-    One reader object is not thread-safe (it caches decoded snapshots); use one per thread.
+    One reader object is not thread-safe (it caches what it accepted); use one per thread.
 
     Parameters
     ----------
@@ -77,10 +85,10 @@ class ShmReader:
         Staleness budget: a rank whose last publish is older is STALE (or DEAD if its writer
         is gone).
     verify:
-        Check record CRCs (default). Off only for the torn-read detector's control run.
+        Check each record's sequence and check word (default). Off only for control runs.
     verify_each:
-        Make :meth:`hot_table` read every rank through the CRC-checked path (default: only on
-        CPUs without total store order, e.g. arm64).
+        Check the check word of each record with its own CRC call rather than one call for
+        every record read together (the default, as strong; see ``loadsnap._seqlock``).
     shm_dir:
         As for :class:`~loadsnap.ShmWriter`.
     """
@@ -100,16 +108,18 @@ class ShmReader:
         self.instance = self._location.instance
         self.stale_after_s = stale_after_s
         self.verify = verify
-        if verify_each is None:
-            verify_each = platform.machine().lower() not in _TSO_MACHINES
-        self.verify_each = verify_each
+        self.verify_each = bool(verify_each)
         self.stats = ReaderStats()
-        self._decoder = SnapshotDecoder()
         self._segment: MappedSegment | None = None
         self._state = SegmentState.MISSING
         self._reason = "not attached yet"
         self._next_check = 0.0
-        self._cache: dict[int, tuple[int, LoadSnapshot]] = {}
+        # How the cache reads (tests set them to cover both ways at any size).
+        self._gather_min = GATHER_MIN_RANKS
+        self._small_max = SMALL_MAX_RANKS
+        self._stale_ns = int(stale_after_s * 1e9)
+        self._probe_ns = int(DEAD_PROBE_AFTER_S * 1e9)
+        self._fresh_ns = min(self._stale_ns, self._probe_ns)
 
     # --- attachment -------------------------------------------------------------------------
 
@@ -141,45 +151,42 @@ class ShmReader:
             self._state, self._reason = SegmentState.INCOMPATIBLE, str(exc)
             raise SegmentUnavailableError(self._describe(), self._state) from exc
         self._segment = segment
-        self._setup_views(segment)
+        self._setup(segment)
         self._state, self._reason = SegmentState.OK, ""
         return segment
 
     def _describe(self) -> str:
         return f"{self._state.value}: {self._reason} (segment={self.segment_path})"
 
-    def _setup_views(self, segment: MappedSegment) -> None:
+    def _setup(self, segment: MappedSegment) -> None:
         header = segment.header
         geometry = SegmentGeometry(header.dp_size, header.payload_capacity)
         self._geometry = geometry
         self._words = segment.buf.cast("Q")
-        self._cache.clear()
-        raw = np.frombuffer(segment.mm, dtype=np.uint8)
-        stride = (geometry.slot_size,)
-        base = geometry.slot_offset(0)
-
-        def column(offset: int, dtype: np.dtype | str) -> npt.NDArray:  # type: ignore[type-arg]
-            return np.ndarray(
-                (geometry.dp_size,), dtype=dtype, buffer=raw, offset=base + offset, strides=stride
-            )
-
-        self._seq_col = column(CTRL_SEQ_OFFSET, "<u8")
-        self._pid_col = column(CTRL_WRITER_PID_OFFSET, "<u8")
-        copy1 = SLOT_CONTROL_SIZE + geometry.copy_size
-        self._hot_cols = (
-            column(SLOT_CONTROL_SIZE + COPY_HOT_OFFSET, HOT_DTYPE),
-            column(copy1 + COPY_HOT_OFFSET, HOT_DTYPE),
+        self._cache = RankCache(
+            segment.mm,
+            self._words,
+            geometry,
+            self.stats,
+            verify=self.verify,
+            verify_each=self.verify_each,
+            gather_min=self._gather_min,
+            small_max=self._small_max,
+        )
+        dp = geometry.dp_size
+        self._reads: list[SlotRead | None] = [None] * dp
+        self._until = [0] * dp  # until then the cached read stands (0: rebuild)
+        self._all_until = 0
+        self._table: TableSource = (
+            SmallTable(dp, self._fresh_ns) if self._cache.small else LargeTable(self._fresh_ns)
         )
 
     def _detach(self) -> None:
         segment, self._segment = self._segment, None
         if segment is None:
             return
+        self._cache.release()
         self._words.release()
-        for name in ("_seq_col", "_pid_col", "_hot_cols"):
-            with contextlib.suppress(AttributeError):
-                delattr(self, name)
-        self._cache.clear()
         segment.close()
 
     @property
@@ -232,9 +239,66 @@ class ShmReader:
         self._attach()
         geometry, words = self._geometry, self._words
         return [
-            int(words[(geometry.slot_offset(rank) + CTRL_REFUSED_OFFSET) // 8])
+            int(words[(geometry.control_offset(rank) + CTRL_REFUSED_OFFSET) // 8])
             for rank in range(geometry.dp_size)
         ]
+
+    # --- statuses ---------------------------------------------------------------------------
+
+    def _slot_read(
+        self, rank: int, now: int, pid: int, ctl_epoch: int, head: tuple[int, int, int]
+    ) -> tuple[SlotRead, int]:
+        """Rank ``rank``'s read from what this reader accepted (``head``: the accepted
+        record's sequence, epoch and publish time), and until when it stands."""
+        cache = self._cache
+        seq, epoch, publish_ns = head
+        if not seq:
+            if rank in cache.torn:
+                return SlotRead(rank, SlotStatus.TORN, None, None, 0, 0, pid, _TORN_REASON), 0
+            status = SlotStatus.NEVER_PUBLISHED
+            return SlotRead(rank, status, None, None, 0, ctl_epoch, pid, "no record yet"), _FOREVER
+        reason = cache.invalid.get(rank)
+        if reason is not None:
+            status = SlotStatus.INVALID
+            return SlotRead(rank, status, None, None, seq, epoch, pid, reason), _FOREVER
+        age_ns = now - publish_ns
+        snapshot = cache.snapshots[rank]
+        if pid == 0:
+            status, reason, until = SlotStatus.DEAD, _DETACHED_REASON, _FOREVER
+        elif age_ns > self._probe_ns and not self._writer_alive(rank, pid):
+            status, reason, until = (
+                SlotStatus.DEAD,
+                _GONE_REASON,
+                _FOREVER,
+            )  # until a writer attaches
+        elif age_ns > self._stale_ns:
+            reason = f"age {max(0.0, age_ns / 1e9):.3f}s > budget {self.stale_after_s}s"
+            status, until = SlotStatus.STALE, 0
+        elif age_ns > self._fresh_ns:
+            status, reason, until = SlotStatus.FRESH, "", 0  # probed: probe again next time
+        else:
+            status, reason, until = SlotStatus.FRESH, "", publish_ns + self._fresh_ns
+        read = SlotRead(rank, status, snapshot, None, seq, epoch, pid, reason, publish_ns)
+        return read, until
+
+    def _rebuild(self, ranks: list[int], now: int) -> None:
+        """Rebuild the cached reads of ``ranks`` (decoded already)."""
+        cache, reads, until = self._cache, self._reads, self._until
+        pids, epochs = cache.pids(), cache.epochs()
+        snapshots, refused, fresh_ns = cache.snapshots, cache.invalid, self._fresh_ns
+        fresh, slot_read = SlotStatus.FRESH, self._slot_read
+        for rank, head in zip(ranks, cache.hot_heads(ranks), strict=True):
+            seq, epoch, publish_ns = head
+            pid = pids[rank]
+            if seq and pid and now - publish_ns <= fresh_ns and not (refused and rank in refused):
+                # the common case, inlined: a young record with its writer attached
+                snapshot = snapshots[rank]
+                reads[rank] = SlotRead(rank, fresh, snapshot, None, seq, epoch, pid, "", publish_ns)
+                until[rank] = publish_ns + fresh_ns
+            else:
+                reads[rank], until[rank] = slot_read(rank, now, pid, epochs[rank], head)
+        cache.touched.difference_update(ranks)
+        self._all_until = min(until)
 
     # --- per-rank reads ---------------------------------------------------------------------
 
@@ -253,10 +317,22 @@ class ShmReader:
             raise UsageError(
                 f"dp_rank out of range: dp_rank={rank} dp_size={self._geometry.dp_size}"
             )
-        return self._read_rank(rank, time.monotonic_ns())
+        self.stats.reads += 1
+        cache, words = self._cache, self._words
+        ctl = self._geometry.control_offset(rank) // 8
+        payloads: Payloads = {}
+        if words[ctl + CTRL_SEQ_OFFSET // 8] != cache.accepted()[rank] or rank in cache.torn:
+            payloads = cache.fetch([rank], keep=True)
+        cache.decode((rank,), payloads)
+        pid = int(words[ctl + CTRL_WRITER_PID_OFFSET // 8])
+        epoch = int(words[ctl + CTRL_EPOCH_OFFSET // 8])
+        now = time.monotonic_ns()
+        return self._slot_read(rank, now, pid, epoch, cache.hot_head(rank))[0]
 
     def read_all(self) -> list[SlotRead]:
-        """Read every rank; decodes only slots whose sequence moved since the last call.
+        """Read every rank; reads and decodes only the slots whose sequence moved since this
+        reader last looked, and hands out the cached reads of the others (their ``age_s`` is
+        measured when asked, see :class:`~loadsnap.SlotRead`).
 
         Raises
         ------
@@ -264,67 +340,38 @@ class ShmReader:
             No readable segment.
         """
         self._attach()
+        cache = self._cache
+        ctl = cache.control()
         now = time.monotonic_ns()
-        return [self._read_rank(rank, now) for rank in range(self._geometry.dp_size)]
+        self.stats.reads += cache.dp_size
+        if ctl == cache.ctl and now < self._all_until and not cache.touched and not cache.torn:
+            return self._reads[:]  # type: ignore[return-value]  # nothing moved or aged
+        _, payloads = cache.sync(ctl, keep=True)
+        rebuild = cache.touched
+        if now >= self._all_until:
+            rebuild = rebuild.union(r for r, stands in enumerate(self._until) if stands <= now)
+        ranks = sorted(rebuild)
+        cache.decode(ranks, payloads)
+        self._rebuild(sorted(cache.touched.union(ranks)), now)
+        return self._reads[:]  # type: ignore[return-value]
 
     def read_changed(self) -> list[SlotRead]:
         """Read only the ranks whose record changed since this reader last decoded them."""
         self._attach()
-        seqs = self._seq_col.copy()
-        now = time.monotonic_ns()
-        changed = []
-        for rank in range(self._geometry.dp_size):
-            seq = int(seqs[rank])
-            cached = self._cache.get(rank)
-            if seq and (cached is None or cached[0] != seq):
-                changed.append(self._read_rank(rank, now))
-        return changed
-
-    def _read_rank(self, rank: int, now_ns: int) -> SlotRead:
-        geometry, words = self._geometry, self._words
-        self.stats.reads += 1
-        result = read_record(
-            self._segment.buf,  # type: ignore[union-attr]
-            words,
-            geometry.seq_word_index(rank),
-            (geometry.copy_offset(rank, 0), geometry.copy_offset(rank, 1)),
-            geometry.payload_capacity,
-            verify=self.verify,
-        )
-        self.stats.retries += result.retries
-        self.stats.crc_rejects += result.crc_rejects
-        ctrl = geometry.slot_offset(rank) // 8
-        pid = int(words[ctrl + CTRL_WRITER_PID_OFFSET // 8])
-        if result.outcome is ReadOutcome.NEVER_PUBLISHED:
-            epoch = int(words[ctrl + CTRL_EPOCH_OFFSET // 8])
-            return SlotRead(
-                rank, SlotStatus.NEVER_PUBLISHED, None, None, 0, epoch, pid, "no record yet"
-            )
-        if result.outcome is ReadOutcome.TORN:
-            self.stats.torn += 1
-            return SlotRead(
-                rank, SlotStatus.TORN, None, None, 0, 0, pid, "no consistent copy after retries"
-            )
-        hot = HOT_STRUCT.unpack_from(result.record, COPY_HOT_OFFSET)
-        seq, epoch, publish_mono_ns = hot[_SEQ], hot[_EPOCH], hot[_MONO]
-        cached = self._cache.get(rank)
-        if cached is not None and cached[0] == seq:
-            snapshot = cached[1]
-        else:
-            try:
-                snapshot = self._decoder.decode(result.record[RECORD_HEADER_SIZE:])
-            except WireError as exc:
-                self.stats.decode_errors += 1
-                return SlotRead(rank, SlotStatus.INVALID, None, None, seq, epoch, pid, str(exc))
-            if snapshot.dp_rank != rank:
-                self.stats.decode_errors += 1
-                reason = f"record names dp_rank={snapshot.dp_rank} in slot {rank}"
-                return SlotRead(rank, SlotStatus.INVALID, None, None, seq, epoch, pid, reason)
-            self.stats.decodes += 1
-            self._cache[rank] = (seq, snapshot)
-        age_s = max(0.0, (now_ns - publish_mono_ns) / 1e9)
-        status, reason = self._classify(age_s, pid, rank)
-        return SlotRead(rank, status, snapshot, age_s, seq, epoch, pid, reason)
+        cache = self._cache
+        _, payloads = cache.sync(cache.control(), keep=True)
+        accepted, decoded, torn = cache.accepted(), cache.decoded, cache.torn
+        ranks = [
+            r
+            for r in range(cache.dp_size)
+            if (accepted[r] and accepted[r] != decoded[r]) or r in torn
+        ]
+        if not ranks:
+            return []
+        self.stats.reads += len(ranks)
+        cache.decode(ranks, payloads)
+        self._rebuild(ranks, time.monotonic_ns())
+        return [self._reads[rank] for rank in ranks]  # type: ignore[misc]
 
     def writer_alive(self, rank: int) -> bool:
         """Whether ``rank`` has an attached writer that is alive, in any pid namespace.
@@ -343,7 +390,8 @@ class ShmReader:
             raise UsageError(
                 f"dp_rank out of range: dp_rank={rank} dp_size={self._geometry.dp_size}"
             )
-        pid = int(self._pid_col[rank])
+        offset = self._geometry.control_offset(rank) + CTRL_WRITER_PID_OFFSET
+        pid = int(self._words[offset // 8])
         return pid != 0 and self._writer_alive(rank, pid)
 
     def _writer_alive(self, rank: int, pid: int) -> bool:
@@ -351,25 +399,14 @@ class ShmReader:
         assert segment is not None
         return segment.writer_alive(self._geometry.slot_lock_offset(rank), pid)
 
-    def _classify(self, age_s: float, pid: int, rank: int) -> tuple[SlotStatus, str]:
-        if pid == 0:
-            return SlotStatus.DEAD, "writer detached"
-        if age_s > DEAD_PROBE_AFTER_S and not self._writer_alive(rank, pid):
-            return SlotStatus.DEAD, "writer is gone (its slot lock was released)"
-        if age_s > self.stale_after_s:
-            return SlotStatus.STALE, f"age {age_s:.3f}s > budget {self.stale_after_s}s"
-        return SlotStatus.FRESH, ""
-
     # --- hot table --------------------------------------------------------------------------
 
     def hot_table(self) -> HotTable:
         """Every rank's dispatch-critical numbers as numpy arrays, without msgpack decoding.
 
-        On x86-64 (TSO) it copies the hot record of both copies of every slot between two
-        vectorised reads of every sequence word, and re-reads one by one (bounded retries) only
-        the ranks whose sequence moved. Elsewhere, or with ``verify_each=True``, every rank is
-        read through the CRC-checked path, since weaker memory orders make the sequence check
-        alone insufficient there.
+        Reads only the records whose sequence moved since this reader last looked, through
+        the checks :meth:`read` makes (it accepts exactly the records :meth:`read` accepts),
+        and shares its read-only column arrays with the later tables while no rank changes.
 
         Raises
         ------
@@ -377,60 +414,16 @@ class ShmReader:
             No readable segment.
         """
         self._attach()
-        seq_col = self._seq_col
-        s1 = seq_col.copy()
-        hot = self._hot_cols[0].copy()
-        hot1 = self._hot_cols[1].copy()
-        s2 = seq_col.copy()
+        cache = self._cache
+        ctl = cache.control()
+        if ctl != cache.ctl or cache.torn:
+            cache.sync(ctl, keep=False)
         now = time.monotonic_ns()
-        use1 = (s1 & 1).astype(bool)  # record k lives in copy k & 1
-        hot[use1] = hot1[use1]
-        published = s1 != 0
-        if self.verify_each:
-            ok = np.zeros_like(published)
-        else:
-            ok = published & (s1 == s2) & (hot["seq"] == s1)
-        for rank in np.flatnonzero(published & ~ok).tolist():
-            ok[rank] = self._reread_hot(rank, hot)
-        hot[~ok] = np.zeros(1, dtype=HOT_DTYPE)
-        return self._table(hot, ok, published, now)
-
-    def _reread_hot(self, rank: int, hot: npt.NDArray) -> bool:  # type: ignore[type-arg]
-        geometry = self._geometry
-        result = read_record(
-            self._segment.buf,  # type: ignore[union-attr]
-            self._words,
-            geometry.seq_word_index(rank),
-            (geometry.copy_offset(rank, 0), geometry.copy_offset(rank, 1)),
-            geometry.payload_capacity,
-            verify=self.verify,
-        )
-        self.stats.retries += result.retries
-        self.stats.crc_rejects += result.crc_rejects
-        if result.outcome is not ReadOutcome.OK:
-            if result.outcome is ReadOutcome.TORN:
-                self.stats.torn += 1
-            return False
-        hot[rank] = np.frombuffer(result.record, HOT_DTYPE, 1, COPY_HOT_OFFSET)[0]
-        return True
-
-    def _table(
-        self,
-        hot: npt.NDArray,  # type: ignore[type-arg]
-        ok: npt.NDArray[np.bool_],
-        published: npt.NDArray[np.bool_],
-        now: int,
-    ) -> HotTable:
-        age = np.where(ok, (now - hot["publish_mono_ns"].astype(np.int64)) / 1e9, np.nan)
-        age = np.maximum(age, 0.0, where=ok, out=age)
-        status = np.full(ok.shape, SlotStatus.FRESH, dtype=np.uint8)
-        status[~published] = SlotStatus.NEVER_PUBLISHED
-        status[published & ~ok] = SlotStatus.TORN
-        pids = self._pid_col.copy()
-        status[ok & (age > self.stale_after_s)] = SlotStatus.STALE
-        status[ok & (pids == 0)] = SlotStatus.DEAD
-        for rank in np.flatnonzero(ok & (pids != 0) & (age > DEAD_PROBE_AFTER_S)).tolist():
-            if not self._writer_alive(rank, int(pids[rank])):
-                status[rank] = SlotStatus.DEAD
-        columns = {name: np.ascontiguousarray(hot[name]) for name, _ in HOT_FIELDS}
-        return HotTable(taken_mono_ns=now, age_s=age, status=status, valid=ok, **columns)
+        parts = self._table.parts(cache)
+        age = table_age(parts, now)
+        status = parts.status
+        if now >= parts.fresh_until_ns:
+            status = aged_status(
+                parts, age, cache.pids(), self._writer_alive, self.stale_after_s, DEAD_PROBE_AFTER_S
+            )
+        return hot_table(parts, now, age, status)

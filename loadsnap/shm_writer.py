@@ -16,6 +16,8 @@ from loadsnap._location import SegmentLocation, instance_lock
 from loadsnap._segment import any_writer_attached, create_or_attach, remove_segment_file
 from loadsnap.errors import PayloadTooLargeError, SegmentError, UsageError
 from loadsnap.layout import (
+    CRC_SEED,
+    CRC_STRUCT,
     CTRL_EPOCH_OFFSET,
     CTRL_REFUSED_OFFSET,
     CTRL_WRITER_PID_OFFSET,
@@ -32,6 +34,7 @@ from loadsnap.wire import check_publishable
 __all__ = ["ShmWriter"]
 
 _HEAD_PACK: Final = HEAD_STRUCT.pack_into
+_CHECK_PACK: Final = CRC_STRUCT.pack
 _monotonic_ns: Final = time.monotonic_ns
 _time_ns: Final = time.time_ns
 # Attached writers of this process, disowned in a child after fork (see _disown_after_fork).
@@ -51,7 +54,8 @@ class ShmWriter:
 
     :meth:`publish` never blocks and takes no lock: it encodes into a reused buffer and writes
     the slot with the double-buffered seqlock (see ``loadsnap._seqlock``): one copy into the
-    copy readers are not using, then one 8-byte store. Attaching (the constructor) and
+    copy readers are not using (clearing what a longer earlier record left after it), then one
+    8-byte store. Attaching (the constructor) and
     :meth:`close` take the instance's file lock briefly.
 
     Parameters
@@ -107,8 +111,7 @@ class ShmWriter:
             self._segment, self.created = create_or_attach(location, geometry)
             self._buf = self._segment.buf
             self._words = self._buf.cast("Q")
-            self._crc_words = self._buf.cast("I")
-            self._ctrl = geometry.slot_offset(dp_rank) // 8
+            self._ctrl = geometry.control_offset(dp_rank) // 8
             try:
                 self._claim_slot()
             except BaseException:
@@ -116,6 +119,10 @@ class ShmWriter:
                 raise
         self._seq_index = geometry.seq_word_index(dp_rank)
         self._copies = (geometry.copy_offset(dp_rank, 0), geometry.copy_offset(dp_rank, 1))
+        # Where each copy's bytes may stop being zero. Unknown after a restart (a writer may
+        # have died mid-copy): the copy's end, so the first record in each copy clears the rest.
+        self._stale_ends = [offset + geometry.copy_size for offset in self._copies]
+        self._zeros = memoryview(bytes(geometry.copy_size))
         # The advertised copy is complete whatever step a previous writer died at: go on from it.
         self._seq = self._attached_seq = int(self._words[self._seq_index])
         self._encode_into = msgspec.msgpack.Encoder().encode_into
@@ -150,7 +157,6 @@ class ShmWriter:
 
     def _release_mapping(self) -> None:
         self._words.release()
-        self._crc_words.release()
         self._segment.close()  # closes the descriptor: the kernel drops our locks
 
     @property
@@ -210,7 +216,7 @@ class ShmWriter:
         if payload_len > self._capacity:
             self._refuse(payload_len)
         check_publishable(snapshot, staging, RECORD_HEADER_SIZE)
-        try:  # the crc field is packed as 0 and summed so, as record_crc expects
+        try:
             _HEAD_PACK(
                 staging,
                 0,
@@ -229,9 +235,15 @@ class ShmWriter:
             )
         except struct.error as exc:  # a negative or oversized count
             raise UsageError(f"invalid count in snapshot: {exc}") from exc
-        base = self._copies[seq & 1]  # the copy readers are not being sent to
-        self._buf[base : base + len(staging)] = staging
-        self._crc_words[base >> 2] = crc32(staging)  # copies are 64-byte aligned
+        staging += _CHECK_PACK(crc32(staging, CRC_SEED) ^ CRC_SEED)  # the linear CRC-32
+        copy = seq & 1  # the copy readers are not being sent to
+        base = self._copies[copy]
+        end = base + len(staging)
+        self._buf[base:end] = staging
+        stale_end = self._stale_ends[copy]
+        if end < stale_end:  # keep the bytes after the record zero (see layout)
+            self._buf[end:stale_end] = self._zeros[: stale_end - end]
+        self._stale_ends[copy] = end
         self._words[self._seq_index] = seq  # one 8-byte store: complete and advertised
         self._seq = seq
 

@@ -103,30 +103,17 @@ def check_publishable(
 
     The writers' pre-publish check, shared by :class:`~loadsnap.ShmWriter` and
     :class:`~loadsnap.zmq_writer.ZmqWriter`. ``payload[offset:]``, when given, is the
-    snapshot's msgpack encoding (else it is encoded here when needed). The top-level numbers
-    are compared directly (about 0.2 µs); when a section is present, or a number looks wrong,
-    the payload is decoded with the readers' own validating decoder (1-2 µs), so the writer
-    refuses exactly what readers would.
+    snapshot's msgpack encoding (else it is encoded here when needed). Without sections the
+    top-level numbers are compared directly (about 0.2 µs); when a section is present, or a
+    number looks wrong, the payload is decoded with the readers' own validating decoder
+    (1-2 µs), so the writer refuses exactly what readers would.
 
     Raises
     ------
     UsageError
         The first violated constraint, naming its field (e.g. ``$.cache_hit_rate``).
     """
-    try:
-        counts = _SCHEDULER_INTS(snapshot)
-        _PACK_INTS(*counts)
-        scalars_ok = (
-            min(counts) >= 0
-            and 0.0 <= snapshot.token_usage <= 1.0
-            and 0.0 <= snapshot.cache_hit_rate <= 1.0
-            and 0.0 <= snapshot.utilization <= 1.0
-            and 0.0 <= snapshot.gen_throughput <= _MAX_RATE
-            and snapshot.timestamp >= -_INF  # any float; a str raises TypeError (NaN decodes)
-        )
-    except (struct.error, TypeError):  # a non-integer count, a value that does not compare
-        scalars_ok = False
-    if scalars_ok and (
+    if (
         snapshot.decode_moments is None
         and snapshot.memory is None
         and snapshot.speculative is None
@@ -134,7 +121,22 @@ def check_publishable(
         and snapshot.disaggregation is None
         and snapshot.queues is None
     ):
-        return
+        try:
+            counts = _SCHEDULER_INTS(snapshot)
+            _PACK_INTS(*counts)
+            if (
+                min(counts) >= 0
+                and 0.0 <= snapshot.token_usage <= 1.0
+                and 0.0 <= snapshot.cache_hit_rate <= 1.0
+                and 0.0 <= snapshot.utilization <= 1.0
+                and 0.0 <= snapshot.gen_throughput <= _MAX_RATE
+                and snapshot.timestamp >= -_INF  # any float; a str raises TypeError
+            ):
+                return
+        except (struct.error, TypeError):  # a non-integer count, a value that does not compare
+            pass
+    # A section is present (its checks are the decoder's alone), or a number looks wrong: the
+    # readers' own decoder decides, and names the field.
     if payload is None:
         payload = _ENCODER.encode(snapshot)
     try:

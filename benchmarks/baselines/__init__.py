@@ -6,6 +6,6 @@ enough that its costs (locks, decodes, copies) are the ones that design pays.
 
 from __future__ import annotations
 
-from benchmarks.baselines.flock_segment import FlockSegment
+from benchmarks.baselines.flock_segment import FlockSegment, ReferenceSnapshot, reference_snapshot
 
-__all__ = ["FlockSegment"]
+__all__ = ["FlockSegment", "ReferenceSnapshot", "reference_snapshot"]

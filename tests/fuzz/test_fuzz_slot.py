@@ -77,16 +77,17 @@ _REGIONS: dict[str, tuple[int, int]] = {
     "header": (0, HEADER_SIZE),
     "seq_word": (_GEOMETRY.seq_word_index(0) * 8, _GEOMETRY.seq_word_index(0) * 8 + 8),
     "writer": (
-        _GEOMETRY.slot_offset(0) + CTRL_WRITER_PID_OFFSET,
-        _GEOMETRY.slot_offset(0) + SLOT_CONTROL_SIZE,
+        _GEOMETRY.control_offset(0) + CTRL_WRITER_PID_OFFSET,
+        _GEOMETRY.control_offset(0) + SLOT_CONTROL_SIZE,
     ),
     "record_header0": (
         _GEOMETRY.copy_offset(0, 0),
         _GEOMETRY.copy_offset(0, 0) + RECORD_HEADER_SIZE,
     ),
     "copy0": (_GEOMETRY.copy_offset(0, 0), _GEOMETRY.copy_offset(0, 1)),
-    "copy1": (_GEOMETRY.copy_offset(0, 1), _GEOMETRY.slot_offset(1)),
-    "slot1": (_GEOMETRY.slot_offset(1), _GEOMETRY.total_size),
+    "copy1": (_GEOMETRY.copy_offset(0, 1), _GEOMETRY.copy_offset(1, 0)),
+    "slot1": (_GEOMETRY.control_offset(1), _GEOMETRY.control_offset(2)),
+    "copies1": (_GEOMETRY.copy_offset(1, 0), _GEOMETRY.total_size),
 }
 
 
@@ -164,10 +165,10 @@ def test_fuzzed_segment_bytes_give_only_documented_results(
     ("offset", "data"),
     [
         # A writer pid that does not fit pid_t, on a record old enough to be probed.
-        (_GEOMETRY.slot_offset(0) + CTRL_WRITER_PID_OFFSET, (2**63 + 5).to_bytes(8, "little")),
-        (_GEOMETRY.slot_offset(0) + CTRL_WRITER_PID_OFFSET, (2**32 + 1).to_bytes(8, "little")),
+        (_GEOMETRY.control_offset(0) + CTRL_WRITER_PID_OFFSET, (2**63 + 5).to_bytes(8, "little")),
+        (_GEOMETRY.control_offset(0) + CTRL_WRITER_PID_OFFSET, (2**32 + 1).to_bytes(8, "little")),
         # A sequence word far beyond the record sequences.
-        (_GEOMETRY.slot_offset(0) + CTRL_SEQ_OFFSET, (2**64 - 1).to_bytes(8, "little")),
+        (_GEOMETRY.control_offset(0) + CTRL_SEQ_OFFSET, (2**64 - 1).to_bytes(8, "little")),
         # A payload length larger than the capacity.
         (_GEOMETRY.copy_offset(0, 0) + 4, (2**32 - 1).to_bytes(4, "little")),
     ],

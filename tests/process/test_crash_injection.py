@@ -6,11 +6,13 @@ A real subprocess publishes records 1 and 2 on a real segment, then drives
 one, with a DEAD status; a restarted writer re-attaches with the next epoch and goes on from the
 advertised record.
 Rank 1's writer lives in the test process throughout, so the segment stays live and is reused
-rather than reclaimed.
+rather than reclaimed. Readers check it both ways of reading (plain Python, and the numpy paths
+large deployments use), each path first.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -20,7 +22,15 @@ import time
 import msgspec
 import pytest
 
-from loadsnap import LoadSnapshot, LoraSection, ShmReader, ShmWriter, SlotRead, SlotStatus
+from loadsnap import (
+    HotTable,
+    LoadSnapshot,
+    LoraSection,
+    ShmReader,
+    ShmWriter,
+    SlotRead,
+    SlotStatus,
+)
 from loadsnap._seqlock import WriteStep, build_record, write_steps
 from loadsnap.layout import RECORD_HEADER_SIZE, hot_values
 from tests.helpers import ROOT
@@ -114,19 +124,28 @@ def _check_whole(read: SlotRead, seq: int, status: SlotStatus) -> None:
     )
 
 
+def _check_table(table: HotTable, seq: int, status: SlotStatus) -> None:
+    assert bool(table.valid[0]) == (seq > 0)
+    assert int(table.seq[0]) == seq
+    assert int(table.num_running_reqs[0]) == 10 * seq
+    assert int(table.num_waiting_reqs[0]) == (10 * seq + 1 if seq else 0)
+    expected_status = status if seq else SlotStatus.NEVER_PUBLISHED
+    assert int(table.status[0]) == expected_status
+
+
 def _check_readers(instance: str, seq: int, status: SlotStatus) -> None:
-    for verify_each in (False, True):
-        with ShmReader(instance, verify_each=verify_each) as reader:
-            _check_whole(reader.read(0), seq, status)
-            _check_whole(reader.read_all()[0], seq, status)
-            table = reader.hot_table()
-            assert bool(table.valid[0]) == (seq > 0)
-            assert int(table.seq[0]) == seq
-            assert int(table.num_running_reqs[0]) == 10 * seq
-            assert int(table.num_waiting_reqs[0]) == (10 * seq + 1 if seq else 0)
-            expected_status = status if seq else SlotStatus.NEVER_PUBLISHED
-            assert int(table.status[0]) == expected_status
-            assert reader.stats.torn == 0 and reader.stats.decode_errors == 0
+    # Each way of reading (``numpy``: the one large deployments use), each path first.
+    for verify_each, numpy in itertools.product((False, True), repeat=2):
+        for table_first in (False, True):
+            with ShmReader(instance, verify_each=verify_each) as reader:
+                if numpy:
+                    reader._small_max = reader._gather_min = 0
+                if table_first:
+                    _check_table(reader.hot_table(), seq, status)
+                _check_whole(reader.read(0), seq, status)
+                _check_whole(reader.read_all()[0], seq, status)
+                _check_table(reader.hot_table(), seq, status)
+                assert reader.stats.torn == 0 and reader.stats.decode_errors == 0
 
 
 def _crash_and_restart(instance: str, prior: int, stop: str, how: str) -> None:

@@ -192,7 +192,7 @@ def test_payload_larger_than_slot_refused(instance: str) -> None:
         after = reader.read(1)
         assert after.seq == before.seq == seq
         assert after.snapshot == before.snapshot == small
-        refused_at = writer.geometry.slot_offset(1) + CTRL_REFUSED_OFFSET
+        refused_at = writer.geometry.control_offset(1) + CTRL_REFUSED_OFFSET
         word = reader.segment.buf[refused_at : refused_at + 8]
         assert int.from_bytes(word, "little") == 1  # readers and /metrics see the count
         word.release()

@@ -129,32 +129,24 @@ def test_header_offsets_derive_from_each_other() -> None:
 def test_segment_diagram_matches_geometry() -> None:
     block = "\n".join(_block("Segment::"))
     assert f"SegmentHeader ({layout.HEADER_SIZE} B)" in block
-    assert "HEADER_SIZE + slot_size" in block
+    assert f"SlotControl ({layout.SLOT_CONTROL_SIZE} B) per rank" in block
+    assert "records_offset = HEADER_SIZE + dp_size * SLOT_CONTROL_SIZE" in block
+    assert "records_offset + 2 * copy_size" in block
     assert "HEADER_SIZE + dp_size * slot_size" in block
     geometry = SegmentGeometry(3, 256)
-    assert geometry.slot_offset(0) == layout.HEADER_SIZE
-    assert geometry.slot_offset(1) == layout.HEADER_SIZE + geometry.slot_size
-    assert geometry.total_size == layout.HEADER_SIZE + 3 * geometry.slot_size
-
-
-def test_slot_diagram_matches_control_and_copies() -> None:
-    block = _block("Slot (one per rank")
-    markers = [int(m.group(1)) for line in block if (m := _ROW_RE.match(line))]
-    assert markers == [0, layout.SLOT_CONTROL_SIZE]
-    text = "\n".join(block)
-    assert f"SlotControl ({layout.SLOT_CONTROL_SIZE} B)" in text
-    assert "record copy 0 (copy_size B)" in text and "record copy 1 (copy_size B)" in text
-    geometry = SegmentGeometry(2, 512)
+    assert geometry.control_offset(0) == layout.HEADER_SIZE
+    assert geometry.control_offset(1) == layout.HEADER_SIZE + layout.SLOT_CONTROL_SIZE
+    assert geometry.records_offset == layout.HEADER_SIZE + 3 * layout.SLOT_CONTROL_SIZE
+    assert geometry.copy_offset(0, 0) == geometry.records_offset
+    assert geometry.copy_offset(1, 0) == geometry.records_offset + 2 * geometry.copy_size
     assert geometry.slot_size == layout.SLOT_CONTROL_SIZE + 2 * geometry.copy_size
-    for rank in range(2):
-        base = geometry.slot_offset(rank)
-        assert geometry.copy_offset(rank, 0) == base + layout.SLOT_CONTROL_SIZE
-        assert geometry.copy_offset(rank, 1) == base + layout.SLOT_CONTROL_SIZE + geometry.copy_size
+    assert geometry.total_size == layout.HEADER_SIZE + 3 * geometry.slot_size
+    assert geometry.total_size == geometry.copy_offset(2, 1) + geometry.copy_size
 
 
 def test_slot_control_diagram_matches_offsets() -> None:
     entries: list[tuple[int, str, str]] = []
-    for line in _block("SlotControl::"):
+    for line in _block("SlotControl (one per rank"):
         match = re.match(r"^\s*(\d+) (\w+) (u64|to \d+)", line)
         if match:
             entries.append((int(match.group(1)), match.group(2), match.group(3)))
@@ -166,17 +158,21 @@ def test_slot_control_diagram_matches_offsets() -> None:
         assert offset == _CTRL_OFFSETS[name] == previous_end, name
         previous_end = offset + _SIZES[kind]
     assert previous_end == layout.CTRL_FIELDS_END <= layout.SLOT_CONTROL_SIZE
-    assert layout.CTRL_SEQ_OFFSET == 0  # the sequence word leads the 64-byte aligned slot
+    assert layout.CTRL_SEQ_OFFSET == 0  # the sequence word leads the 64-byte aligned entry
+    assert layout.CONTROL_DTYPE.itemsize == layout.SLOT_CONTROL_SIZE
+    assert layout.CONTROL_DTYPE.fields is not None
+    for name, offset in _CTRL_OFFSETS.items():
+        assert layout.CONTROL_DTYPE.fields[name][1] == offset, name
 
 
 def test_record_copy_diagram_matches_offsets() -> None:
     fields, rows = _boxed_fields("Record copy")
     assert fields == [
-        ("record_crc", "u32", layout.COPY_RECORD_CRC_OFFSET),
+        ("reserved", "u32", layout.COPY_RESERVED_OFFSET),
         ("payload_len", "u32", layout.COPY_PAYLOAD_LEN_OFFSET),
     ]
     assert rows == [0, layout.COPY_HOT_OFFSET, layout.COPY_PAYLOAD_OFFSET]
-    assert layout.COPY_PAYLOAD_LEN_OFFSET == layout.COPY_RECORD_CRC_OFFSET + 4
+    assert layout.COPY_PAYLOAD_LEN_OFFSET == layout.COPY_RESERVED_OFFSET + 4
     assert layout.COPY_HOT_OFFSET == layout.COPY_PAYLOAD_LEN_OFFSET + 4
     assert layout.COPY_PAYLOAD_OFFSET == layout.COPY_HOT_OFFSET + layout.HOT_RECORD_SIZE
     assert layout.RECORD_HEADER_SIZE == layout.COPY_PAYLOAD_OFFSET
@@ -184,6 +180,8 @@ def test_record_copy_diagram_matches_offsets() -> None:
     assert f"the {layout.HOT_FIELD_COUNT} dispatch-critical fields" in text
     assert f"{layout.HOT_RECORD_SIZE} B" in text
     assert f"{layout.COPY_PAYLOAD_OFFSET} +---" in text
+    assert f"record_crc u32, at {layout.COPY_PAYLOAD_OFFSET} + payload_len" in text
+    assert layout.CRC_STRUCT.size == layout.RECORD_CRC_SIZE == _SIZES["u32"]
 
 
 def test_hot_record_fields_are_snapshot_fields_of_their_type() -> None:
@@ -221,14 +219,17 @@ def test_slots_and_copies_are_64_byte_aligned(dp_size: int, capacity: int) -> No
     assert layout.SLOT_CONTROL_SIZE % layout.SLOT_ALIGN == 0
     assert geometry.slot_size % layout.SLOT_ALIGN == 0
     assert geometry.copy_size % layout.SLOT_ALIGN == 0
-    assert geometry.copy_size >= layout.RECORD_HEADER_SIZE + capacity
-    assert geometry.copy_size - (layout.RECORD_HEADER_SIZE + capacity) < layout.SLOT_ALIGN
+    assert geometry.records_offset % layout.SLOT_ALIGN == 0
+    overhead = layout.RECORD_HEADER_SIZE + layout.RECORD_CRC_SIZE
+    assert geometry.copy_size >= overhead + capacity
+    assert geometry.copy_size - (overhead + capacity) < layout.SLOT_ALIGN
     for rank in range(dp_size):
-        assert geometry.slot_offset(rank) % layout.SLOT_ALIGN == 0
+        assert geometry.control_offset(rank) % layout.SLOT_ALIGN == 0
         assert geometry.copy_offset(rank, 0) % layout.SLOT_ALIGN == 0
         assert geometry.copy_offset(rank, 1) % layout.SLOT_ALIGN == 0
-        assert geometry.seq_word_index(rank) * 8 == geometry.slot_offset(rank)
-    assert geometry.total_size == geometry.slot_offset(dp_size - 1) + geometry.slot_size
+        assert geometry.seq_word_index(rank) * 8 == geometry.control_offset(rank)
+        assert geometry.control_offset(rank) + layout.SLOT_CONTROL_SIZE <= geometry.records_offset
+    assert geometry.total_size == geometry.copy_offset(dp_size - 1, 1) + geometry.copy_size
 
 
 @pytest.mark.parametrize(
