@@ -128,7 +128,7 @@ class QueueSection(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     prealloc_ready: ReportedCount = None
 
 
-class LoadSnapshot(msgspec.Struct, kw_only=True, gc=False):
+class LoadSnapshot(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """One DP rank's load at one instant. A plain mutable struct: ``publish`` stamps ``seq``,
     ``epoch`` and the publish times into the object it is given.
 

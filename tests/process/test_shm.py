@@ -185,7 +185,7 @@ def test_payload_larger_than_slot_refused(instance: str) -> None:
         small = LoadSnapshot(dp_rank=1, num_running_reqs=3)
         seq = writer.publish(small)
         before = reader.read(1)
-        big = LoadSnapshot(dp_rank=1, lora=LoraSection(loaded_adapters=["x" * 100] * 2))
+        big = LoadSnapshot(dp_rank=1, lora=LoraSection(loaded_adapters=["x" * 100] * 6))
         with pytest.raises(PayloadTooLargeError, match=r"payload too large: size=\d+ capacity=512"):
             writer.publish(big)
         assert writer.refused == 1
