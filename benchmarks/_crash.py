@@ -1,6 +1,7 @@
 """Crash injection for the benchmarks: what readers get after a writer is SIGKILLed mid-write.
 
-Ours against the flock baseline, in forked writer processes (real kills, so the kernel drops
+Ours (and, at random moments, sglang's scheduler writing through ``loadsnap.compat.sglang``)
+against the flock baseline, in forked writer processes (real kills, so the kernel drops
 the dead writer's locks as it would in production):
 
 - **at each step**: the writer publishes record A, starts record B, and kills itself right
@@ -31,6 +32,7 @@ from benchmarks._common import make_snapshot, unique_instance
 from benchmarks.baselines.flock_segment import FlockSegment, FlockStep, reference_snapshot
 from loadsnap import ShmReader, ShmWriter, unlink_segment
 from loadsnap._seqlock import build_record, write_steps
+from loadsnap.compat.sglang import ShmLoadSnapshotReader, ShmLoadSnapshotWriter
 from loadsnap.layout import RECORD_HEADER_SIZE, hot_values
 
 __all__ = ["FLOCK_STEPS", "OURS_STEPS", "OUTCOMES", "kill_at_random", "kill_at_steps"]
@@ -156,6 +158,28 @@ def _ours_loop(instance: str, ready: int) -> None:
         writer.publish(b)
 
 
+def _compat_loop(path: str, ready: int) -> None:
+    # sglang's scheduler through loadsnap.compat.sglang (its one-import swap).
+    writer = ShmLoadSnapshotWriter(path, _DP_SIZE, 0)
+    a, b = msgspec.structs.replace(_A), msgspec.structs.replace(_B)
+    writer.write(a)
+    os.write(ready, b"r")
+    while True:
+        writer.write(a)
+        writer.write(b)
+
+
+def _compat_outcome(path: str) -> str:
+    reader = ShmLoadSnapshotReader(path, _DP_SIZE)
+    try:
+        loads = [load for load in reader.read_all() if load.dp_rank == 0]
+    finally:
+        reader.close()
+    if not loads:
+        return "missing"
+    return "record_a" if loads[0].num_running_reqs == _A.num_running_reqs else "record_b"
+
+
 def _flock_loop(path: str, ready: int) -> None:
     segment = FlockSegment(path)
     a, b = reference_snapshot(_A), reference_snapshot(_B)
@@ -168,31 +192,41 @@ def _flock_loop(path: str, ready: int) -> None:
 
 def kill_at_random(trials: int, seed: int = 16) -> dict[str, Counts]:
     """Per design, how often the rank read as A, B or missing after a kill 1-5 ms into a
-    tight publish loop."""
+    tight publish loop: ours, sglang's module swapped for ``loadsnap.compat.sglang``, and the
+    flock baseline (sglang's own scheme)."""
     rng = random.Random(seed)
     instance = unique_instance("bench-crash-rnd")
     path = f"/dev/shm/{unique_instance('bench-crash-rnd-flock')}"
+    compat_path = f"/dev/shm/{unique_instance('bench-crash-rnd-compat')}"
     keeper = ShmWriter(instance, _DP_SIZE, 1)
+    compat_keeper = ShmLoadSnapshotWriter(compat_path, _DP_SIZE, 1)  # keeps its segment alive
     flock = FlockSegment(path, _DP_SIZE, create=True)
-    out = {"ours": dict.fromkeys(OUTCOMES, 0), "flock": dict.fromkeys(OUTCOMES, 0)}
+    loops: dict[str, Callable[[int], None]] = {
+        "ours": functools.partial(_ours_loop, instance),
+        "compat": functools.partial(_compat_loop, compat_path),
+        "flock": functools.partial(_flock_loop, path),
+    }
+    outcomes: dict[str, Callable[[], str]] = {
+        "ours": functools.partial(_ours_outcome, instance),
+        "compat": functools.partial(_compat_outcome, compat_path),
+        "flock": functools.partial(_flock_outcome, path),
+    }
+    out = {design: dict.fromkeys(OUTCOMES, 0) for design in loops}
     try:
         for _ in range(trials):
-            for design in ("ours", "flock"):
+            for design, loop in loops.items():
                 read_end, write_end = os.pipe()
-                if design == "ours":
-                    pid = _run_child(functools.partial(_ours_loop, instance, write_end))
-                else:
-                    pid = _run_child(functools.partial(_flock_loop, path, write_end))
+                pid = _run_child(functools.partial(loop, write_end))
                 os.close(write_end)
                 os.read(read_end, 1)  # published A once, now in its loop
                 os.close(read_end)
                 time.sleep(rng.uniform(0.001, 0.005))
                 os.kill(pid, signal.SIGKILL)
                 _reap(pid)
-                outcome = _ours_outcome(instance) if design == "ours" else _flock_outcome(path)
-                out[design][outcome] += 1
+                out[design][outcomes[design]()] += 1
     finally:
         flock.close(unlink=True)
         keeper.close()
+        compat_keeper.close()
         unlink_segment(instance)
     return out

@@ -453,6 +453,13 @@ def build_result(
     return result
 
 
+_DESIGN_LABELS: Final = {
+    "ours": "ours",
+    "compat": "sglang's scheduler through loadsnap.compat.sglang",
+    "flock": "flock baseline (sglang's scheme)",
+}
+
+
 def _crash_results(result: BenchResult, crash: dict[str, Any]) -> None:
     """The crash-injection tables, headline and target."""
     steps = crash["steps"]
@@ -479,7 +486,7 @@ def _crash_results(result: BenchResult, crash: dict[str, Any]) -> None:
             ["design", "previous or new record", "rank missing"],
             [
                 [
-                    "ours" if design == "ours" else "flock baseline",
+                    _DESIGN_LABELS[design],
                     str(counts["record_a"] + counts["record_b"]),
                     str(counts["missing"]),
                 ]
@@ -506,6 +513,13 @@ def _crash_results(result: BenchResult, crash: dict[str, Any]) -> None:
         ours_lost == 0,
         f"ours: {ours_lost} of {all_kills} kills; flock baseline: {flock_lost} of "
         f"{kills + trials * len(FLOCK_STEPS)}",
+    )
+    compat_lost = random_counts["compat"]["missing"]
+    result.add_target(
+        "sglang swapped to loadsnap.compat.sglang: a scheduler killed mid-write keeps its rank",
+        compat_lost == 0,
+        f"compat: {compat_lost} of {kills} kills missing; sglang's own scheme (flock baseline): "
+        f"{random_counts['flock']['missing']} of {kills}",
     )
 
 
