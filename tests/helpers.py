@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final
 
@@ -144,12 +144,29 @@ def promtool_path() -> str:
     return path
 
 
-def check_promtool(promtool: str, text: str) -> None:
-    """``promtool check metrics`` accepts ``text``."""
+# promtool's exit status when the text parses but its linter has complaints.
+PROMTOOL_LINT_PROBLEMS: Final[int] = 3
+
+
+def check_promtool(promtool: str, text: str, *, abbreviated_units: Iterable[str] = ()) -> None:
+    """``promtool check metrics`` accepts ``text``: it parses and the linter finds nothing.
+
+    ``abbreviated_units`` names metrics whose "should not contain abbreviated units" complaint
+    is expected (sglang's own ``_gb``/``_ms`` names, kept by the ``sglang_`` scheme); every
+    other complaint, and every named metric's absence from the complaints, fails.
+    """
     result = subprocess.run(
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    expected = {
+        f"{name} metric names should not contain abbreviated units" for name in abbreviated_units
+    }
+    if not expected:
+        assert result.returncode == 0, output
+        return
+    assert result.returncode == PROMTOOL_LINT_PROBLEMS, output
+    assert set(output.splitlines()) == expected, output
 
 
 # --- a live HTTP server over a segment --------------------------------------------------------
