@@ -20,32 +20,13 @@ from loadsnap import (
     UsageError,
 )
 from loadsnap.exposition import CORE_METRICS, render_json, render_prometheus, render_table
-from tests.helpers import check_promtool
-
-FIXED_NOW = 1_700_000_000.5
+from tests.helpers import FIXED_NOW, busy_snapshot, check_promtool
 
 
 def fixed_reads() -> list[SlotRead]:
     """Four ranks: fresh with sections, stale, dead (writer detached), never published."""
-    s0 = LoadSnapshot(
-        dp_rank=0,
-        num_running_reqs=12,
-        num_waiting_reqs=3,
-        num_waiting_uncached_tokens=900,
-        num_used_tokens=40000,
-        num_total_tokens=41000,
-        max_total_num_tokens=100000,
-        max_running_requests=64,
-        token_usage=0.4,
-        gen_throughput=1520.5,
-        cache_hit_rate=0.25,
-        utilization=0.75,
-        seq=101,
-        cycle=1500,
-        publish_mono_ns=5_000_000_000,
-        publish_wall_ns=1_700_000_000_250_000_000,
-        epoch=1,
-        last_accepted_dispatch_seq=77,
+    s0 = busy_snapshot(
+        0,
         memory=MemorySection(
             weight_bytes=16_000_000_000,
             kv_cache_bytes=40_000_000_000,
