@@ -176,28 +176,34 @@ def _work_scores(s: ScoreInputs, est: int) -> _F64:
     return work / v.rate * pressure + v.penalty
 
 
+def _least_work(s: ScoreInputs, ranks: Sequence[int], est: int) -> int:
+    """The first of ``ranks`` with the lowest ``WORK_OVER_THROUGHPUT`` score: the scalar form
+    of :func:`_work_scores`, with its arithmetic in its order."""
+    v = s.view
+    tokens, used, cap, rate = v.tokens_l, v.used_l, v.cap_l, v.rate_l
+    pending_l = s.ledger.tokens_list
+    e = float(est)
+    w = s.kv_weight
+    best = math.inf
+    chosen = ranks[0]
+    for k in ranks:
+        pending = pending_l[k] + e
+        m = cap[k]
+        u = (used[k] + pending) / m if m > 0 else 0.0
+        if u > _MAX_USAGE:
+            u = _MAX_USAGE
+        score = (tokens[k] + pending) / rate[k] * (1.0 + w * u * u / (1.0 - u))
+        if score < best:
+            best, chosen = score, k
+    return chosen
+
+
 class WorkOverThroughput(Scorer):
     """``WORK_OVER_THROUGHPUT``: queued tokens over the rank's rate, times a convex KV-pressure
     penalty ``1 + w * u**2 / (1 - u)`` (``u``: KV usage with this request, capped)."""
 
     def pick(self, s: ScoreInputs, order: Sequence[int], est: int, cls: int, a: float) -> int:
-        v, ledger = s.view, s.ledger
-        tokens, used, cap, rate = v.tokens_l, v.used_l, v.cap_l, v.rate_l
-        pending_l = ledger.tokens_list
-        e = float(est)
-        w = s.kv_weight
-        best = math.inf
-        chosen = order[0]
-        for k in order:
-            pending = pending_l[k] + e
-            m = cap[k]
-            u = (used[k] + pending) / m if m > 0 else 0.0
-            if u > _MAX_USAGE:
-                u = _MAX_USAGE
-            score = (tokens[k] + pending) / rate[k] * (1.0 + w * u * u / (1.0 - u))
-            if score < best:
-                best, chosen = score, k
-        return chosen
+        return _least_work(s, order, est)
 
     def scores(self, s: ScoreInputs, est: int, cls: int, a: float) -> _F64:
         return _work_scores(s, est)
@@ -208,6 +214,8 @@ class RequestsThenWork(Scorer):
     requests are eligible; among them the lowest ``WORK_OVER_THROUGHPUT`` score."""
 
     def pick(self, s: ScoreInputs, order: Sequence[int], est: int, cls: int, a: float) -> int:
+        # _least_work over the eligible ranks, fused into one loop: BudgetConfig's default policy
+        # decides about 7% faster than with a filtered list handed to _least_work.
         v, ledger = s.view, s.ledger
         reqs, counts = v.reqs_l, ledger.count_list
         tokens, used, cap, rate = v.tokens_l, v.used_l, v.cap_l, v.rate_l
@@ -256,19 +264,7 @@ class PowerOfTwo(RequestsThenWork):
             return j
         if rj > ri + slack:
             return i
-        return j if self._work(s, j, est) < self._work(s, i, est) else i
-
-    @staticmethod
-    def _work(s: ScoreInputs, k: int, est: int) -> float:
-        # One rank's WORK_OVER_THROUGHPUT score, with WorkOverThroughput.pick's arithmetic.
-        v = s.view
-        pending = s.ledger.tokens_list[k] + float(est)
-        m = v.cap_l[k]
-        u = (v.used_l[k] + pending) / m if m > 0 else 0.0
-        if u > _MAX_USAGE:
-            u = _MAX_USAGE
-        w = s.kv_weight
-        return (v.tokens_l[k] + pending) / v.rate_l[k] * (1.0 + w * u * u / (1.0 - u))
+        return _least_work(s, (i, j), est)
 
 
 class LengthAware(Scorer):
