@@ -302,6 +302,12 @@ class ShmReader:
 
     # --- per-rank reads ---------------------------------------------------------------------
 
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self._geometry.dp_size:
+            raise UsageError(
+                f"dp_rank out of range: dp_rank={rank} dp_size={self._geometry.dp_size}"
+            )
+
     def read(self, rank: int) -> SlotRead:
         """Read one rank.
 
@@ -313,10 +319,7 @@ class ShmReader:
             No readable segment.
         """
         self._attach()
-        if not 0 <= rank < self._geometry.dp_size:
-            raise UsageError(
-                f"dp_rank out of range: dp_rank={rank} dp_size={self._geometry.dp_size}"
-            )
+        self._check_rank(rank)
         self.stats.reads += 1
         cache, words = self._cache, self._words
         ctl = self._geometry.control_offset(rank) // 8
@@ -386,10 +389,7 @@ class ShmReader:
             No readable segment.
         """
         self._attach()
-        if not 0 <= rank < self._geometry.dp_size:
-            raise UsageError(
-                f"dp_rank out of range: dp_rank={rank} dp_size={self._geometry.dp_size}"
-            )
+        self._check_rank(rank)
         offset = self._geometry.control_offset(rank) + CTRL_WRITER_PID_OFFSET
         pid = int(self._words[offset // 8])
         return pid != 0 and self._writer_alive(rank, pid)

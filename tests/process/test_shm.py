@@ -361,11 +361,11 @@ def _bad_values(kind: msgspec.inspect.Type) -> list[object]:
     if isinstance(kind, msgspec.inspect.NoneType):
         return []
     if isinstance(kind, msgspec.inspect.IntType):
-        return [-1, 2**63, 1.5]
+        return [-1, 2**63, 1.5, True]  # a bool is an int to Python, not to the decoder
     if isinstance(kind, msgspec.inspect.FloatType):
         if kind.ge is None and kind.le is None:
-            return ["x"]  # unconstrained: only the type can be wrong
-        bad: list[object] = [math.nan, -0.5]
+            return ["x", True]  # unconstrained: only the type can be wrong
+        bad: list[object] = [math.nan, -0.5, True]
         if kind.le is not None:
             bad.append(kind.le * 2 if kind.le else 1.0)
         return bad
