@@ -65,18 +65,13 @@ class Floors:
     def prepare(self) -> None:
         """Copy out every rank's payload, and size the gather to the longest record."""
         geometry, mm = self._geometry, self._mm
-        payloads = []
+        payloads, hot = [], []
         for rank, seq in enumerate(self._seq_words.tolist()):
             at = geometry.copy_offset(rank, seq & 1)
             (length,) = _LENGTH.unpack_from(mm, at + COPY_PAYLOAD_LEN_OFFSET)
             payloads.append(mm[at + COPY_PAYLOAD_OFFSET : at + COPY_PAYLOAD_OFFSET + length])
-        self._payloads = payloads
-        self._hot = b"".join(
-            mm[at + COPY_HOT_OFFSET : at + COPY_HOT_OFFSET + HOT_RECORD_SIZE]
-            for at in (
-                geometry.copy_offset(r, s & 1) for r, s in enumerate(self._seq_words.tolist())
-            )
-        )
+            hot.append(mm[at + COPY_HOT_OFFSET : at + COPY_HOT_OFFSET + HOT_RECORD_SIZE])
+        self._payloads, self._hot = payloads, b"".join(hot)
         width = RECORD_HEADER_SIZE + max(map(len, payloads)) + RECORD_CRC_SIZE
         self._rows = np.ndarray(
             (2 * geometry.dp_size,),

@@ -394,7 +394,9 @@ def _floors_paragraph(
         f"checking every record alone at {span('floor_gather')} (memory bound at large dp: "
         "about 1 KB a rank out of memory the writers just wrote), and building the hot "
         f"table's 13 numpy arrays alone at {span('floor_table')} (microseconds of interpreter "
-        "work per array, whatever dp). "
+        "work per array, whatever dp). Each floor is timed alone after a publish, as cold as "
+        "the designs; done back to back, the second part of a pair would run a little warmer, "
+        "so a bound from two floors is approximate. "
     )
     if beyond:
         text += (
