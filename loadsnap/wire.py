@@ -129,15 +129,17 @@ def check_publishable(
     ):
         try:
             counts = _SCHEDULER_INTS(snapshot)
+            floats = _SCHEDULER_FLOATS(snapshot)
+            usage, throughput, hit_rate, utilization, timestamp = floats
             _PACK_INTS(*counts)
             if (
-                bool not in set(map(type, counts + _SCHEDULER_FLOATS(snapshot)))
+                bool not in set(map(type, counts + floats))
                 and min(counts) >= 0
-                and 0.0 <= snapshot.token_usage <= 1.0
-                and 0.0 <= snapshot.cache_hit_rate <= 1.0
-                and 0.0 <= snapshot.utilization <= 1.0
-                and 0.0 <= snapshot.gen_throughput <= _MAX_RATE
-                and snapshot.timestamp >= -_INF  # any float; a str raises TypeError
+                and 0.0 <= usage <= 1.0
+                and 0.0 <= hit_rate <= 1.0
+                and 0.0 <= utilization <= 1.0
+                and 0.0 <= throughput <= _MAX_RATE
+                and timestamp >= -_INF  # any float; a str raises TypeError
             ):
                 return
         except (struct.error, TypeError):  # a non-integer count, a value that does not compare
